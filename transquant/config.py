@@ -14,6 +14,7 @@ from .quant.sites import ArchitectureError, Site, find_sites, select, unmatched
 
 TASKS = ("qnli-squad", "qnli", "synthetic")
 DEVICES = ("cpu", "cuda")
+SCHEDULES = ("linear", "cosine")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -58,6 +59,11 @@ def validate_static(cfg: DictConfig) -> None:
     _check(isinstance(t.max_length, int) and 8 <= t.max_length <= 512,
            f"train.max_length={t.max_length}: must be an integer in [8, 512]")
     _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
+    _check(t.schedule in SCHEDULES, f"train.schedule={t.schedule}: allowed {', '.join(SCHEDULES)}")
+    _check(t.max_grad_norm is None or (isinstance(t.max_grad_norm, (int, float)) and t.max_grad_norm > 0),
+           f"train.max_grad_norm={t.max_grad_norm}: must be > 0, or null for no clipping")
+    _check(isinstance(t.weight_decay, (int, float)) and t.weight_decay >= 0,
+           f"train.weight_decay={t.weight_decay}: must be >= 0")
     _positive_int("calibration.num_batches", cfg.calibration.num_batches)
     _positive_int("calibration.batch_size", cfg.calibration.batch_size)
     _positive_int("eval.batch_size", cfg.eval.batch_size)

@@ -1,4 +1,4 @@
-"""FP32 fine-tuning with the paper's recipe, cached by everything that changes the weights."""
+"""FP32 fine-tuning (recipes in ``conf/train/``), cached by everything that changes the weights."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import cache, models
+from . import cache, models, provenance
 from .tasks import Task, batches, encode, n_batches
 
 
@@ -25,13 +25,15 @@ def seed_everything(seed: int) -> None:
 
 
 def cache_key(model_cfg, task: Task, train_cfg, max_length: int) -> str:
-    """Hash of model identity, training data, recipe and seed — nothing else."""
+    """Hash of model identity, training data, recipe, seed, the code that trains and the
+    libraries — everything that decides the weights, nothing else."""
     return cache.key_of({
         "model": models.identity(model_cfg),
         "task": task.name,
         "train_data": task.fingerprint("train"),
-        "recipe": {k: train_cfg[k] for k in sorted(train_cfg) if k != "log_every"},
+        "recipe": {k: train_cfg[k] for k in sorted(train_cfg)},
         "max_length": max_length,
+        "code": provenance.fingerprint(provenance.FINETUNE_MODULES),
     })
 
 
@@ -60,6 +62,16 @@ def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
+def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then linear or cosine decay to 0
+    (the formulas of Hugging Face's ``get_linear/cosine_schedule_with_warmup``)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def train(model_cfg, task: Task, cfg, tokenizer, device: torch.device) -> torch.nn.Module:
     seed_everything(cfg.seed)
     model = models.load_pretrained(model_cfg, num_labels=2, seed=cfg.seed).to(device)
@@ -68,8 +80,7 @@ def train(model_cfg, task: Task, cfg, tokenizer, device: torch.device) -> torch.
     total = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_ratio * total)
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, warmup, total))
     model.train()
     bar = tqdm(total=total, desc="fine-tune", leave=False)
     started = time.perf_counter()
@@ -81,7 +92,8 @@ def train(model_cfg, task: Task, cfg, tokenizer, device: torch.device) -> torch.
                 raise TrainingError(f"fine-tune: loss became {loss.item()} at step {bar.n} "
                                     f"(lr={cfg.lr}); lower train.lr or check the data")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,58 @@
+"""What a cached result or a finished run depends on, beyond its config.
+
+A number may be reused only if recomputing it would give the same number. Besides the config,
+that depends on the code that computes it, the data, the starting weights and the libraries.
+Every cache key and job identity includes :func:`fingerprint` of the modules that compute it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+LIBRARIES = ("torch", "transformers", "onnxruntime", "onnx")
+
+# Modules whose code decides a fine-tuned checkpoint's weights.
+FINETUNE_MODULES = ("transquant.finetune", "transquant.models", "transquant.tasks")
+
+
+def _files(modules: tuple[str, ...] | None) -> list[Path]:
+    if modules is None:  # the whole package: any edit counts
+        return sorted(PACKAGE_DIR.rglob("*.py"))
+    files = []
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"provenance: no module {name!r}")
+        files.append(Path(spec.origin))
+    return sorted(files)
+
+
+def source_hash(modules: tuple[str, ...] | None = None) -> str:
+    """SHA-256 (short) of the given modules' source files; ``None`` = every file of the package."""
+    h = hashlib.sha256()
+    for f in _files(modules):
+        h.update(str(f.relative_to(PACKAGE_DIR)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries whose kernels produce our numbers."""
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = "absent"
+    return out
+
+
+def fingerprint(modules: tuple[str, ...] | None = None) -> dict:
+    """Code + library identity to put into a cache key (data and model identity are added by
+    the caller, who knows them)."""
+    return {"source": source_hash(modules), "libraries": library_versions()}
