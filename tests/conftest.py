@@ -15,11 +15,54 @@ from transquant.run import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model=tiny", "task=synthetic", "train=quick", "profile=quick"]
+# What Python, pip and pytest themselves leave in a checkout; anything else a test writes there is a leak.
+TOOL_LEFTOVERS = {".venv", "__pycache__", ".pytest_cache"}
+# New untracked files of these kinds are someone editing the tree while the suite runs, not its output.
+SOURCES = (".py", ".md", ".yaml")
+
+
+def untracked_files() -> set[str] | None:
+    """Every ignored file of the checkout and every untracked one except sources, without
+    :data:`TOOL_LEFTOVERS` (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "-z", "--ignored=matching"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+    def kept(rel: Path, status: str) -> bool:
+        return (not any(p in TOOL_LEFTOVERS or p.endswith(".egg-info") for p in rel.parts)
+                and (status == "!!" or rel.suffix not in SOURCES))
+
+    files = set()
+    for entry in filter(None, out.split("\0")):
+        status, rel = entry[:2], Path(entry[3:])
+        if status not in ("??", "!!") or not kept(rel.parent / "_", status):
+            continue
+        if not (ROOT / rel).is_dir():
+            files.update([str(rel)] if kept(rel, status) else [])
+            continue
+        for top, dirs, names in os.walk(ROOT / rel):
+            dirs[:] = [d for d in dirs if kept(Path(d) / "_", status)]
+            files.update(str(f) for f in (Path(top).relative_to(ROOT) / n for n in names) if kept(f, status))
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_checkout_as_found():
+    """The suite writes only to temporary directories: fail it if it left files in the checkout
+    (MLflow's default artifact root ./mlruns, Hydra's outputs/, a default cache)."""
+    before = untracked_files()
+    yield
+    after = untracked_files()
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"the tests left files in the checkout: {sorted(after - before)[:20]}")
 
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> dict[str, str]:
-    """One MLflow sqlite store and one checkpoint cache for the whole session (migrations ~2 s)."""
+    """One MLflow sqlite store (artifacts beside it) and one checkpoint cache for the whole
+    session (migrations ~2 s)."""
     base = tmp_path_factory.mktemp("store")
     return {"uri": f"sqlite:///{base}/mlflow.db", "cache": str(base / "cache")}
 

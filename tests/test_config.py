@@ -1,4 +1,5 @@
 """Bad input: a clear one-line error naming the value and what is allowed, before any work."""
+import os
 import sqlite3
 
 import pytest
@@ -32,6 +33,8 @@ BAD = [
     (["hardware.device=tpu"], "hardware.device=tpu: allowed cpu, cuda"),
     (["tracking.uri=ftp://x/y"], "tracking.uri=ftp://x/y: unsupported scheme"),
     (["tracking.uri=http://127.0.0.1:9"], "no tracking server answers"),
+    (["tracking.uri=http://127.0.0.1:9", "tracking.artifacts=/tmp/a"],
+     "tracking.artifacts=/tmp/a: must be null with a tracking server"),
 ]
 
 
@@ -70,3 +73,19 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "cache").exists()
     if db.exists():  # the store may not even be created; if it is, it holds no run
         assert sqlite3.connect(db).execute("select count(*) from runs").fetchone()[0] == 0
+
+
+def test_cache_dir_under_a_file_is_named(make_cfg, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for bad, message in ((tmp_path / "file", "exists and is not a directory"),
+                         (tmp_path / "file" / "cache", "is a file, not a directory")):
+        with pytest.raises(TransquantError, match=f"paths.cache_dir={bad}: .*{message}") as info:
+            validate(make_cfg(f"paths.cache_dir={bad}"))
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_cache_dir_is_named(make_cfg, tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(TransquantError, match="paths.cache_dir=.*/ro/cache: .*/ro is not writable"):
+        validate(make_cfg(f"paths.cache_dir={tmp_path / 'ro' / 'cache'}"))

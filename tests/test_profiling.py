@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from tests.test_engine import VAL, quantized
+from tests.test_engine import VAL, one_thread, quantized  # noqa: F401 (fixture)
 from transquant import profiling as P
 from transquant.run import CONF_DIR
 
@@ -75,23 +75,31 @@ def profile_cfg(**over):
 
 HW = OmegaConf.create({"device": "cpu", "threads": 1})
 KEYS = {"latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "throughput_seq_s", "peak_memory_mb",
-        "model_size_mb", "speedup_vs_fp32", "peer_speedup_vs_fp32", "size_ratio_vs_fp32", "engine_accuracy",
-        "fp32_latency_p50_ms", "peer_latency_p50_ms"}
+        "model_size_mb", "speedup_vs_fp32", "speedup_vs_torch_fp32", "speedup_vs_ort_fp32", "speedup_vs_peer",
+        "peer_speedup_vs_fp32", "size_ratio_vs_fp32", "engine_accuracy", "fp32_latency_p50_ms",
+        "ort_fp32_latency_p50_ms", "peer_latency_p50_ms"}
+ENGINE_KEYS = {"engine_int8_matmuls", "engine_float_matmuls", "engine_code_agreement"}
 
 
 def test_default_config_is_the_papers():
     cfg = OmegaConf.load(f"{CONF_DIR}/profile/default.yaml")
-    assert (cfg.enabled, cfg.engine, cfg.warmup, cfg.iterations, cfg.batch_size, cfg.seq_len,
-            cfg.eval_engine_accuracy) == (True, "onnxruntime", 100, 500, 8, 128, True)
+    assert (cfg.enabled, cfg.engine, cfg.fp32_attention, cfg.warmup, cfg.iterations, cfg.batch_size, cfg.seq_len,
+            cfg.eval_engine_accuracy) == (True, "onnxruntime", "sdpa", 100, 500, 8, 128, True)
 
 
 @pytest.mark.parametrize("engine,method", [("onnxruntime", "mixed"), ("torch", "w8a8"), ("none", "w8a8"),
                                            ("onnxruntime", "fp32")])
 def test_profile_stage_tiny(tmp_path, engine, method):
-    fp32, model, qa = quantized(method)
-    metrics, tags, artifacts = P.profile_stage(profile_cfg(engine=engine), HW, fp32, model, qa, None, VAL, 0, tmp_path)
+    fp32, model, qa, grids = quantized(method)
+    metrics, tags, artifacts = P.profile_stage(profile_cfg(engine=engine), HW, fp32, model, qa, grids, None, VAL, 0,
+                                               tmp_path)
     assert KEYS <= set(metrics)
-    assert tags["engine"] == engine
+    assert tags["engine"] == engine and tags["fp32_attention"] == "sdpa"
+    assert metrics["speedup_vs_fp32"] == metrics["speedup_vs_torch_fp32"]
+    if engine == "onnxruntime" and method != "fp32":
+        assert ENGINE_KEYS <= set(metrics) and metrics["engine_code_agreement"] >= 0.999
+        assert metrics["engine_int8_matmuls"] == 18 and metrics["engine_float_matmuls"] == 0
+        assert tags["engine_precision"] == "W8A{8,16}"
     assert all(p.exists() for p in artifacts)
     report = json.loads(artifacts[0].read_text())
     assert report["stats"]["engine"]["n"] == 4 and report["stats"]["fp32"]["n"] == 4
@@ -106,7 +114,7 @@ def test_profile_stage_tiny(tmp_path, engine, method):
 
 def test_profile_stage_stub_timer_gives_exact_ratio(tmp_path):
     class Alternating:
-        """fp32 calls take 30 ms, engine 10 ms, peer 20 ms (round-robin order fp32, engine, peer)."""
+        """Round-robin order torch fp32, ORT fp32, peer, engine: 30, 15, 20 and 10 ms a call."""
 
         def __init__(self):
             self.i = 0
@@ -114,13 +122,16 @@ def test_profile_stage_stub_timer_gives_exact_ratio(tmp_path):
         def time(self, fn):
             fn()
             self.i += 1
-            return [30, 10, 20][((self.i - 1) // 2) % 3] * 1_000_000  # block=2
+            return [30, 15, 20, 10][((self.i - 1) // 2) % 4] * 1_000_000  # block=2
 
-    fp32, model, qa = quantized("w8a8")
-    metrics, _, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, qa, None, VAL, 0,
+    fp32, model, qa, grids = quantized("w8a8")
+    metrics, _, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, qa, grids, None, VAL, 0,
                                     tmp_path, timer=Alternating())
     assert metrics["fp32_latency_p50_ms"] == 30 and metrics["latency_p50_ms"] == 10
-    assert metrics["speedup_vs_fp32"] == 3 and metrics["peer_speedup_vs_fp32"] == 1.5
+    assert metrics["ort_fp32_latency_p50_ms"] == 15 and metrics["peer_latency_p50_ms"] == 20
+    assert metrics["speedup_vs_torch_fp32"] == metrics["speedup_vs_fp32"] == 3
+    assert metrics["speedup_vs_ort_fp32"] == 1.5 and metrics["speedup_vs_peer"] == 2
+    assert metrics["peer_speedup_vs_fp32"] == 1.5
     assert "engine_accuracy" not in metrics
 
 
@@ -128,10 +139,48 @@ def test_memory_probe_in_fresh_process(tmp_path):
     """The default CPU memory measurement: a child process loads the .onnx and runs it."""
     from transquant import engine as E
 
-    fp32, model, qa = quantized("w8a8")
+    fp32, model, qa, grids = quantized("w8a8")
     sample = E.sample_batch(VAL, pad_id=0)
-    _, path, _ = E.build_onnx_int8(fp32, model, qa, sample, tmp_path)
+    _, path, _ = E.build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, threads=1)
     got = P.memory_in_subprocess("onnx", path, E.fixed_batch(VAL, 0, 2, 16), 1, 2, tmp_path)
     assert got is not None and got["method"] in ("vmhwm", "sampled")
     assert got["peak_mb"] >= got["load_mb"] >= 0 and got["peak_mb"] > 0
     assert got["inference_mb"] == pytest.approx(got["peak_mb"] - got["load_mb"])
+
+
+def test_fp32_baseline_is_a_fresh_sdpa_copy(tmp_path):
+    """PyTorch FP32 is timed with the attention users run, even when the caller's model was
+    switched to the eager kernel with taps (error attribution does that), and the caller's
+    model is left as it was."""
+    from transquant.quant.sites import use_tappable_attention
+
+    fp32, model, qa, grids = quantized("w8a8")
+    use_tappable_attention(fp32)
+    before = fp32.config._attn_implementation
+    assert before != "sdpa"
+    _, tags, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, qa, grids, None, VAL, 0,
+                                 tmp_path)
+    assert tags["fp32_attention"] == "sdpa" and fp32.config._attn_implementation == before
+    assert P.torch_fp32(fp32, "eager").config._attn_implementation == "eager"
+
+
+def test_unknown_fp32_attention_is_one_line_error():
+    fp32, *_ = quantized("fp32")
+    with pytest.raises(P.E.EngineError, match="profile.fp32_attention=nope") as err:
+        P.torch_fp32(fp32, "nope")
+    assert "\n" not in str(err.value)
+
+
+def test_bench_base_reports_every_baseline(monkeypatch):
+    """bench_base goes through the same stage: torch FP32 (sdpa), ORT FP32, the peer, the engine."""
+    from transformers import BertConfig
+
+    from transquant.bench_base import bench
+
+    monkeypatch.setattr(P, "memory_in_subprocess", lambda *a, **k: None)  # in-process memory: faster
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=1100, max_position_embeddings=64, num_labels=2)
+    df = bench(["mixed"], config=config, threads=1, warmup=1, iterations=2, batch_size=2, seq_len=16)
+    row = df.iloc[0]
+    assert row["fp32_attention"] == "sdpa" and row["engine_precision"] == "W8A{8,16}"
+    assert {"speedup_vs_torch_fp32", "speedup_vs_ort_fp32", "speedup_vs_peer", "engine_code_agreement"} <= set(df)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from transquant.quant.quantizers import asymmetric_grid, fake_quantize, quantize, symmetric_grid
-from transquant.quant.ranges import GroupMinMax, MinMax, Percentile, make_groups
+from transquant.quant.ranges import GroupMinMax, MinMax, Percentile, make_groups, mse_absmax
 
 
 def test_asymmetric_grid_error_bounded_by_half_step():
@@ -138,3 +138,41 @@ def test_peg_grid_is_exact_per_group():
     err = (fake_quantize(x, grid) - x).abs().reshape(-1, 24).max(0).values
     assert torch.all(err <= grid.scale / 2 + 1e-5)
     assert grid.scale[5] > 5 * grid.scale.min()  # outlier group is coarse, bulk groups fine
+
+
+def _weight_mse(w, r, bits):
+    return ((fake_quantize(w, symmetric_grid(r, bits)) - w) ** 2).sum().item()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mse_weight_range_beats_minmax_on_heavy_tails(bits):
+    torch.manual_seed(4)
+    w = torch.randn(64, 64) * 0.05
+    w[3, 7] = 2.0  # one outlier weight stretches the min-max range
+    r = mse_absmax(w, bits)
+    assert 0.01 * (2.0 + 0.5) <= r.item() < 2.0
+    assert _weight_mse(w, r, bits) < _weight_mse(w, w.abs().max(), bits)
+    assert torch.equal(r, mse_absmax(w, bits))  # deterministic
+
+
+def test_mse_weight_range_keeps_a_uniform_tensor_whole():
+    """Without outliers clipping only hurts: the MSE range is (about) the min-max range."""
+    w = torch.linspace(-1.0, 1.0, 4001)
+    r = mse_absmax(w, 8)
+    assert r.item() == pytest.approx(1.0, rel=0.02)
+    assert _weight_mse(w, r, 8) <= _weight_mse(w, torch.tensor(1.0), 8) * 1.01
+
+
+def test_peg_groups_imposed_from_another_site():
+    x = _channels()
+    est = GroupMinMax(3, "sorted")
+    est.observe(x)
+    est.groups = torch.arange(24) % 3  # chosen from another site's ranges
+    lo, hi = est.range()
+    flat = x.reshape(-1, 24)
+    for g in range(3):
+        assert torch.all(hi[est.groups == g] == flat[:, est.groups == g].max())
+        assert torch.all(lo[est.groups == g] == flat[:, est.groups == g].min())
+    est.groups = torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="cover 10 channels, the site has 24"):
+        est.range()

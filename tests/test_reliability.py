@@ -66,7 +66,7 @@ def test_killed_job_is_closed_and_rerun_cleanly(tmp_path):
     KILLED, fine-tunes from scratch and finishes — never two live runs for one job."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [sys.executable, "-m", "transquant.run", "model=tiny", "task=synthetic", "train=quick",
-            "task.synthetic_train_size=20000", "profile=quick", f"tracking.uri={uri}", f"paths.cache_dir={tmp_path / 'cache'}",
+            "task.synthetic_train_size=3000", "profile=quick", f"tracking.uri={uri}", f"paths.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={tmp_path / 'out'}"]
     proc = subprocess.Popen(args, cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -85,7 +85,31 @@ def test_killed_job_is_closed_and_rerun_cleanly(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     _, runs = _runs(uri)
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED", "FINISHED"]
-    assert runs[0].data.tags["transquant.stale"].startswith("owner died")
+    assert runs[0].data.tags["transquant.stale"].startswith(f"owner process {proc.pid} died")
+
+
+def test_killed_sweep_parent_is_closed_by_the_next_start(tmp_path):
+    """SIGKILL a sweep mid fine-tune: no exit hook runs, its parent and job stay RUNNING; the next
+    sweep started in the experiment sees their owner process is gone and closes them KILLED."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["model=tiny", "task=synthetic", "train=quick", "profile.enabled=false", "stats.enabled=false",
+              f"tracking.uri={uri}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen([sys.executable, "-m", "transquant.run", "-m", *common, "task.synthetic_train_size=20000",
+                             "quant=w8a8,fp32", f"hydra.sweep.dir={tmp_path / 'killed'}"],
+                            cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    for line in iter(proc.stderr.readline, ""):
+        if "fine-tune:" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, runs = _runs(uri)
+    assert [r.info.status for r in runs] == ["RUNNING", "RUNNING"]  # the parent and its first job
+    assert {r.data.tags["transquant.pid"] for r in runs} == {str(proc.pid)}
+    res = run_cli("-m", *common, "quant=fp32", f"hydra.sweep.dir={tmp_path / 'next'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    _, runs = _runs(uri)
+    assert [r.info.status for r in runs] == ["KILLED", "KILLED", "FINISHED", "FINISHED"]
+    assert all(r.data.tags["transquant.stale"].startswith(f"owner process {proc.pid} died") for r in runs[:2])
 
 
 def test_nan_loss_marks_run_failed_and_sweep_can_continue(tmp_path):

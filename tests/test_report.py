@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
@@ -13,6 +15,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from transquant import report as rp
+from transquant import significance as S
 from transquant.run import CONF_DIR
 from transquant.study import (aggregate, best_mask, method_defaults, method_label, pareto_mask, paired_deltas,
                               parse_param, quant_params, records_frame, run_record, seed_summary, slug)
@@ -20,6 +23,8 @@ from transquant.tracking import flatten
 
 SEEDS = (1000, 1001, 1002)
 FP32 = {1000: 90.0, 1001: 91.0, 1002: 92.0}
+N_VAL = 200  # validation examples of the runs that store predictions (FP32, W8A8, PEG K=4 gap)
+LABELS = np.arange(N_VAL) % 2
 
 
 # --- pure arithmetic ----------------------------------------------------------------------------
@@ -79,7 +84,7 @@ def test_pareto_mask():
 def test_params_round_trip_and_labels_of_every_method_preset():
     """Each conf/method file composes, logs like the pipeline (flatten) and gets a distinct label."""
     methods = sorted(p.stem for p in (rp.Path(CONF_DIR) / "method").glob("*.yaml"))
-    assert len(methods) == 21
+    assert len(methods) == 25  # 21 of the 2026 study + 4 exact paper presets
     labels = {}
     with initialize_config_dir(config_dir=CONF_DIR):
         for m in methods:
@@ -105,8 +110,19 @@ def qparams(method: str, **kw) -> dict[str, str]:
     return {f"quant.{k}": str(v) for k, v in q.items()}
 
 
+def _correct(acc: float) -> np.ndarray:
+    """The first acc % of the validation examples right: a run of lower accuracy is wrong on a superset."""
+    return np.arange(N_VAL) < round(acc * N_VAL / 100)
+
+
+def _with_predictions(metrics: dict) -> tuple[dict, tuple]:
+    """Metrics plus the interval metrics a job logs, and the (prediction, label) it stores."""
+    ok, fp32_ok = _correct(metrics["accuracy"]), _correct(metrics["fp32_accuracy"])
+    return {**metrics, **S.job_metrics(ok, fp32_ok)}, (np.where(ok, LABELS, 1 - LABELS), LABELS)
+
+
 def _child(client, exp, parent, seed, q: dict, metrics: dict, t0: int, history: dict | None = None,
-           tags: dict | None = None) -> str:
+           tags: dict | None = None, predictions: tuple | None = None) -> str:
     params = {"train.seed": str(seed), "model.name": "tiny", "task.name": "synthetic", **q}
     run = client.create_run(exp, start_time=t0, tags={"mlflow.parentRunId": parent, "mlflow.runName": q["quant.method"],
                                                       "checkpoint": f"/ckpt/{seed}", "finetune_cache": "hit", **(tags or {})})
@@ -116,6 +132,9 @@ def _child(client, exp, parent, seed, q: dict, metrics: dict, t0: int, history: 
     for name, values in (history or {}).items():
         ms += [Metric(name, float(v), 0, step) for step, v in enumerate(values)]
     client.log_batch(rid, metrics=ms)
+    if predictions is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            client.log_artifact(rid, str(S.save_predictions(Path(tmp) / S.PREDICTIONS, *predictions)))
     client.set_terminated(rid, "FINISHED", end_time=t0 + 2000)
     return rid
 
@@ -130,7 +149,7 @@ def synthetic(tmp_path_factory):
     base = tmp_path_factory.mktemp("report_store")
     uri = f"sqlite:///{base}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("transquant")
+    exp = client.create_experiment("transquant", artifact_location=str(base / "artifacts"))  # not ./mlruns
     t = [1_700_000_000_000]
 
     def tick():
@@ -144,16 +163,20 @@ def synthetic(tmp_path_factory):
     peg = {(2, "contiguous"): 40.0, (2, "sorted"): 70.0, (4, "contiguous"): 45.0, (4, "sorted"): 85.0, (4, "gap"): 88.0}
     for s in SEEDS:
         off = s - 1000  # seed offsets: +0, +1, +2
-        _child(client, exp, paper, s, qparams("fp32"), {"accuracy": FP32[s], "fp32_accuracy": FP32[s], "accuracy_drop": 0.0,
-                                                         "finetune_seconds": 100.0, "latency_p50_ms": 10.0 + off,
-                                                         "model_size_mb": 90.0},
-               tick(), history={"kurtosis": [3.0 + off, 30.0 + off, 300.0 + off], "max_abs": [1.0, 10.0, 100.0]},
-               tags={"finetune_cache": "miss"})
-        _child(client, exp, paper, s, qparams("w8a8"), _quantized(FP32[s], w8a8[s], latency_p50_ms=5.0, model_size_mb=23.0,
-                                                                   speedup_vs_fp32=2.0), tick())
+        m, pred = _with_predictions({"accuracy": FP32[s], "fp32_accuracy": FP32[s], "accuracy_drop": 0.0,
+                                     "finetune_seconds": 100.0, "latency_p50_ms": 10.0 + off, "model_size_mb": 90.0})
+        _child(client, exp, paper, s, qparams("fp32"), m, tick(),
+               history={"kurtosis": [3.0 + off, 30.0 + off, 300.0 + off], "max_abs": [1.0, 10.0, 100.0]},
+               tags={"finetune_cache": "miss"}, predictions=pred)
+        m, pred = _with_predictions(_quantized(FP32[s], w8a8[s], latency_p50_ms=5.0, model_size_mb=23.0,
+                                               speedup_vs_fp32=2.0))
+        _child(client, exp, paper, s, qparams("w8a8"), m, tick(), predictions=pred)
         for (k, g), acc in peg.items():
             kw = {"k": k, "permute": g != "contiguous", "grouping": "sorted" if g == "contiguous" else g}
-            _child(client, exp, paper, s, qparams("peg", **kw), _quantized(FP32[s], acc + off), tick())
+            m, pred = _with_predictions(_quantized(FP32[s], acc + off))
+            if (k, g) != (4, "gap"):  # like runs logged before jobs had intervals and stored predictions
+                m, pred = _quantized(FP32[s], acc + off), None
+            _child(client, exp, paper, s, qparams("peg", **kw), m, tick(), predictions=pred)
         for p, acc in ((99, 70.0), (99.99, 55.0)):
             _child(client, exp, paper, s, qparams("percentile", percentile=p), _quantized(FP32[s], acc + off), tick())
     # Study "loo": one seed, W8A8 base 50, left-float variants.
@@ -217,6 +240,58 @@ def test_report_tables_from_known_values(synthetic, tmp_path):
     assert m["median_accuracy_drop.w8a8"] == 40.0 and m["seeds.peg_k4_gap"] == 3
     arts = {a.path for a in client.list_artifacts(synthetic["paper"], "report")}
     assert {"report/table1_accuracy.csv", "report/table1_accuracy.tex", "report/accuracy_vs_k.png"} <= arts
+
+
+def test_report_marks_significance_and_per_seed_intervals(synthetic, tmp_path):
+    """W8A8 loses 62-80 examples FP32 gets right (significant on every seed); PEG K=4 gap loses 4
+    (McNemar p = 2/2^4 = 0.125, not significant); PEG runs without stored intervals stay unmarked."""
+    out = rp.report(["paper"], synthetic["uri"], tmp_path / "sig", log=False)
+    t1 = pd.read_csv(out / "table1_accuracy.csv").set_index("method")
+    w, gap, fp32 = t1.loc["W8A8"], t1.loc["PEG K=4 gap"], t1.loc["FP32"]
+    assert w.mcnemar_p_max == pytest.approx(2 * 0.5 ** 62) and (w.significant_seeds, w.tested_seeds) == (3, 3)
+    assert bool(w.significant) and not bool(gap.significant) and not bool(fp32.significant)
+    assert gap.mcnemar_p_max == pytest.approx(0.125) and gap.significant_seeds == 0 and fp32.mcnemar_p_max == 1.0
+    old = t1.loc["PEG K=2 contiguous"]
+    assert old.tested_seeds == 0 and math.isnan(old.mcnemar_p_max) and not bool(old.significant)
+    tex = (out / "table1_accuracy.tex").read_text()
+    assert "40.00 [31.00, 40.00]* & \\textless{}0.001" in tex and "2.00 [2.00, 2.00] & 0.125" in tex
+    assert "\\caption{" in tex and "exact McNemar p \\textless{} 0.05" in tex  # the rule, in the caption
+
+    seeds = pd.read_csv(out / "table1_seeds.csv")
+    assert len(seeds) == 9 and list(seeds["method"].drop_duplicates()) == ["FP32", "W8A8", "PEG K=4 gap"]
+    f = seeds[seeds["method"] == "FP32"]
+    assert (f["drop_ci_low"] == 0).all() and (f["drop_ci_high"] == 0).all() and (f["mcnemar_p"] == 1).all()
+    r = seeds[(seeds["method"] == "W8A8") & (seeds["seed"] == 1001)].iloc[0]
+    assert (r.accuracy_ci_low, r.accuracy_ci_high) == pytest.approx(S.accuracy_ci(_correct(60.0)))
+    assert r.mcnemar_p == pytest.approx(2 * 0.5 ** 62) and bool(r.significant) and r.accuracy_drop == 31.0
+    assert r.drop_ci_low > 0 and r.accuracy_ci_low < 60.0 < r.accuracy_ci_high
+    tex = (out / "table1_seeds.tex").read_text()
+    assert "60.00 [" in tex and "\\caption{" in tex
+    md = (out / "report.md").read_text()
+    assert "Table I per seed" in md and S.RULE in md
+
+
+def test_compare_two_methods_from_stored_predictions(synthetic, capsys):
+    client = synthetic["client"]
+    df = rp.children_frame(client, [synthetic["paper"]])
+    t = rp.compare(client, "W8A8", "FP32", df)
+    assert list(t["seed"]) == ["1000", "1001", "1002"] and list(t["examples"]) == [N_VAL] * 3
+    assert list(t["difference"]) == pytest.approx([-40.0, -31.0, -40.0])
+    assert list(t["only_a"]) == [0, 0, 0] and list(t["only_b"]) == [80, 62, 80]
+    assert list(t["mcnemar_p"]) == pytest.approx([2 * 0.5 ** 80, 2 * 0.5 ** 62, 2 * 0.5 ** 80])
+    assert (t["difference_ci_high"] < 0).all() and t["significant"].all()
+    with pytest.raises(rp.ReportError, match="no predictions.npz"):
+        rp.compare(client, "PEG K=4 sorted", "FP32", df)
+
+    by_id = df.set_index(["label", "seed"])["run_id"]
+    w, f = by_id[("W8A8", 1002)], by_id[("FP32", 1002)]
+    assert rp.main(["--compare", f, w, "--tracking-uri", synthetic["uri"]]) == 0  # two run ids: no study needed
+    out = capsys.readouterr().out
+    assert "A = FP32" not in out and "40.00 [" in out and "| 80 | 0 |" in out
+    assert rp.main(["--compare", "W8A8", "FP32", "--tracking-uri", synthetic["uri"]]) == 2
+    assert "needs a study" in capsys.readouterr().err
+    assert rp.main(["paper", "--compare", "W8A8", "W8A9", "--tracking-uri", synthetic["uri"]]) == 2
+    assert "no finished run of this method" in capsys.readouterr().err
 
 
 def test_report_loo_and_bits(synthetic, tmp_path):

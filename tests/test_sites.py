@@ -1,10 +1,14 @@
 """Site discovery from the module tree, and the taps."""
+import numpy as np
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2ForSequenceClassification, RobertaConfig,
-                          RobertaForSequenceClassification)
+from omegaconf import OmegaConf
+from transformers import (ElectraConfig, ElectraForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
+                          RobertaConfig, RobertaForSequenceClassification)
 
+from transquant.quant.ptq import calibrate, plan_sites
 from transquant.quant.sites import ArchitectureError, find_sites, select, tap, unmatched, use_tappable_attention
+from transquant.statistics import fp32_statistics
 
 from .conftest import random_batches, tiny_bert
 
@@ -76,3 +80,56 @@ def test_unsupported_architecture_names_what_is_missing():
 def test_unmatched_patterns_are_reported():
     sites = find_sites(tiny_bert())
     assert unmatched(sites, ["*.ffn.residual", "*.ffn.residul"]) == ["*.ffn.residul"]
+
+
+def tiny_electra() -> ElectraForSequenceClassification:
+    """Embeddings narrower than the layers (16 vs 32), projected up; no pooler."""
+    torch.manual_seed(0)
+    return ElectraForSequenceClassification(ElectraConfig(
+        embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=64)).eval()
+
+
+ELECTRA_WIDTHS = {"embeddings.sum": 16, "embeddings.norm": 16, "attn.query": 32, "attn.scores": None,
+                  "attn.probs": None, "attn.context": 32, "attn.output": 32, "attn.residual": 32, "attn.norm": 32,
+                  "ffn.intermediate": 64, "ffn.output": 32, "ffn.residual": 32, "ffn.norm": 32, "logits": None}
+
+
+def test_every_width_comes_from_its_own_module():
+    sites = {s.name: s for s in find_sites(tiny_electra())}
+    assert "pooler" not in sites
+    for name, width in ELECTRA_WIDTHS.items():
+        for site in (sites.get(name), sites.get(f"layer.1.{name}")):
+            if site is not None:
+                assert site.channels == width, site.name
+
+
+def test_electra_calibration_and_statistics_see_the_right_channels():
+    model = tiny_electra()
+    sites = find_sites(model)
+    batches = random_batches(2, seed=3)
+    plans = plan_sites(sites, OmegaConf.merge(OmegaConf.load("conf/quant/fp32.yaml"),
+                                              {"act_bits": 8, "k": 16, "peg_sites": ["*"]}))
+    qa = calibrate(model, sites, plans, batches, torch.device("cpu"))
+    for s in sites:
+        if s.channels is not None:
+            assert qa.grids[s.name].scale.shape == (s.channels,), s.name
+    items = [{k: v[i][b["attention_mask"][i].bool()].tolist() for k, v in b.items()}
+             for b in batches for i in range(len(b["input_ids"]))]  # the same sequences, unpadded
+    stats = {r.name: r for r in fp32_statistics(model, sites, items, 0, "cpu", batch_size=3, measure_cost=False,
+                                                reservoir=0).sites}
+    for s in sites:
+        if s.channels is not None:
+            assert stats[s.name].channels == s.channels, s.name
+    # per-channel max of the last hidden state (layer.1.ffn.norm) over real tokens, computed directly
+    last = torch.cat([model.electra(**b).last_hidden_state[b["attention_mask"].bool()] for b in batches])
+    assert np.allclose(stats["layer.1.ffn.norm"].hi, last.max(0).values.detach().numpy(), atol=1e-5)
+
+
+def test_a_tensor_of_another_width_is_an_error_naming_the_site():
+    model = tiny_bert()
+    site = next(s for s in find_sites(model) if s.name == "layer.0.ffn.residual")
+    site.channels = 31
+    with pytest.raises(ArchitectureError, match=r"site layer.0.ffn.residual: expected width 31 .* got 32"):
+        with tap([site], lambda s, x: x):
+            model(**random_batches(1)[0])

@@ -18,6 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.tracking import MlflowClient
 
 from transquant import report as rp
+from transquant import significance as S
 from transquant.config import validate
 from transquant.run import CONF_DIR
 from transquant.study import method_label, quant_params
@@ -31,7 +32,8 @@ FAST = ["model=tiny", "task=synthetic", "train=quick", "train.max_length=32", "t
         "task.synthetic_eval_size=64", "calibration.num_batches=2", "calibration.batch_size=8", "hardware.threads=1",
         "stats.enabled=false", "profile.enabled=false"]
 LOADED = 900  # subprocess guard: ~30 s each on 2 idle cores, but the cores are shared with other jobs
-PAPER_METHODS = {"FP32", "W8A8", "W8A32", "W32A8", "mixed", "percentile p=99", "percentile p=99.5",
+PAPER_METHODS = {"FP32", "W8A8 (paper)", "W8A32 (paper)", "W32A8", "mixed W8A{8,16} (paper)", "PEG K=6 sorted (paper)",
+                 "W8A8", "mixed", "percentile p=99", "percentile p=99.5",
                  "percentile p=99.9", "percentile p=99.99",
                  *(f"PEG K={k} {g}" for k in (2, 3, 4, 6) for g in ("contiguous", "sorted", "gap"))}
 
@@ -61,12 +63,12 @@ def _runs(uri: str):
 
 def test_paper_job_list_seed_slowest():
     jobs = _sweep_jobs("+experiment=paper")
-    assert len(jobs) == 3 * 21
+    assert len(jobs) == 3 * 24
     seeds = [next(o for o in j if o.startswith("train.seed=")) for j in jobs]
-    assert seeds == [f"train.seed={s}" for s in (1000, 1001, 1002) for _ in range(21)]  # one fine-tune per seed
+    assert seeds == [f"train.seed={s}" for s in (1000, 1001, 1002) for _ in range(24)]  # one fine-tune per seed
     assert jobs[0][1] == "+method=fp32"  # each seed starts with FP32 (the fine-tune's cache miss)
     one = _sweep_jobs("+experiment=paper", "train.seed=7")
-    assert len(one) == 21 and all("train.seed=7" in j for j in one)
+    assert len(one) == 24 and all("train.seed=7" in j for j in one)
     assert len(_sweep_jobs("+experiment=loo")) == 24
     assert len(_sweep_jobs("+experiment=bits")) == 4 * 6
 
@@ -97,10 +99,10 @@ def test_paper_experiment_end_to_end(tmp_path):
     parent = parents[0]
     assert parent.data.tags["transquant.study"] == "paper" and parent.data.tags["transquant.sweeper"] == "basic"
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(kids) == 21 and all(k.info.status == "FINISHED" for k in kids)
+    assert len(kids) == 24 and all(k.info.status == "FINISHED" for k in kids)
     labels = [method_label(quant_params(k.data.params)) for k in kids]
     assert set(labels) == PAPER_METHODS
-    assert labels[0] == "FP32" and [k.data.tags["finetune_cache"] for k in kids] == ["miss"] + ["hit"] * 20
+    assert labels[0] == "FP32" and [k.data.tags["finetune_cache"] for k in kids] == ["miss"] + ["hit"] * 23
     assert len({k.data.tags["checkpoint"] for k in kids}) == 1
     # Seed statistics as parent metrics (StudyCallback, before the parent was closed).
     m = parent.data.metrics
@@ -109,15 +111,22 @@ def test_paper_experiment_end_to_end(tmp_path):
 
     out = rp.report(["paper"], uri, tmp_path / "report")
     t1 = pd.read_csv(out / "table1_accuracy.csv")
-    assert set(t1["method"]) == PAPER_METHODS and list(t1["method"][:5]) == ["FP32", "W8A32", "W32A8", "W8A8", "mixed"]
+    assert set(t1["method"]) == PAPER_METHODS and list(t1["method"][:5]) == ["FP32", "W8A32 (paper)", "W32A8", "W8A8 (paper)", "W8A8"]
     assert (t1["seeds"] == 1).all()
     peg = pd.read_csv(out / "ablation_peg.csv")
     assert len(peg) == 12 and list(peg["grouping"][:3]) == ["contiguous", "sorted", "gap"]
     assert len(pd.read_csv(out / "ablation_percentile.csv")) == 4
     timing = pd.read_csv(out / "timing.csv").set_index("metric")
-    assert timing.loc["fine-tunes (cache misses)", "jobs"] == 1 and timing.loc["eval_seconds", "jobs"] == 20
+    assert timing.loc["fine-tunes (cache misses)", "jobs"] == 1 and timing.loc["eval_seconds", "jobs"] == 23
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/table1_accuracy.tex" in arts and "report/accuracy_vs_k.png" in arts
+    # Every job logged its intervals and stored its predictions: one row per job in the per-seed table.
+    seeds = pd.read_csv(out / "table1_seeds.csv")
+    assert len(seeds) == len(kids) and ((seeds.accuracy_ci_low <= seeds.accuracy)
+                                        & (seeds.accuracy <= seeds.accuracy_ci_high)).all()
+    fp32 = seeds[seeds["method"] == "FP32"].iloc[0]
+    assert (fp32.drop_ci_low, fp32.drop_ci_high, fp32.mcnemar_p) == (0.0, 0.0, 1.0)
+    assert all(S.PREDICTIONS in {a.path for a in client.list_artifacts(k.info.run_id)} for k in kids)
 
 
 def test_optuna_search_shared_storage(tmp_path, cache_dir):

@@ -5,8 +5,9 @@ size is known without downloading it.
 
 Builds ``BertForSequenceClassification(BertConfig())`` (hidden 768, 12 layers, 30522-token
 vocabulary) with seeded random weights, calibrates each method on random token sequences, and
-runs :func:`transquant.profiling.profile_stage` (FP32 PyTorch eager, ORT dynamic INT8 peer and
-the engine, interleaved). Accuracy is meaningless for random weights and is not evaluated.
+runs :func:`transquant.profiling.profile_stage`, the pipeline's own stage: PyTorch FP32 (sdpa
+attention), ONNX Runtime FP32, ORT's dynamic INT8 peer and the engine, interleaved. Accuracy is
+meaningless for random weights and is not evaluated.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from .quant.ptq import calibrate, plan_sites, quantize_weights_
 from .quant.sites import find_sites
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-COLUMNS = ["method", "latency_p50_ms", "latency_p95_ms", "throughput_seq_s", "peak_memory_mb", "model_size_mb",
-           "speedup_vs_fp32", "peer_speedup_vs_fp32", "speedup_vs_peer", "size_ratio_vs_fp32",
-           "fp32_latency_p50_ms", "peer_latency_p50_ms"]
+COLUMNS = ["method", "engine_precision", "latency_p50_ms", "latency_p95_ms", "throughput_seq_s", "peak_memory_mb",
+           "model_size_mb", "speedup_vs_torch_fp32", "speedup_vs_ort_fp32", "speedup_vs_peer", "size_ratio_vs_fp32",
+           "fp32_latency_p50_ms", "ort_fp32_latency_p50_ms", "peer_latency_p50_ms", "engine_int8_matmuls",
+           "engine_float_matmuls", "engine_code_agreement", "fp32_attention"]
 
 
 def quant_config(method: str, **overrides):
@@ -64,7 +66,7 @@ def bench(methods=("mixed",), config: BertConfig | None = None, threads: int = 2
     val = random_items(16, seq_len, vocab, seed + 1)
     profile = OmegaConf.create({"engine": engine, "warmup": warmup, "iterations": iterations, "block": 10,
                                 "batch_size": batch_size, "seq_len": seq_len, "eval_engine_accuracy": False,
-                                "weight_storage": "s8", "mem_iterations": 3})
+                                "weight_storage": "s8", "mem_iterations": 3, "fp32_attention": "sdpa"})
     hardware = OmegaConf.create({"device": "cpu", "threads": threads})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,9 +76,10 @@ def bench(methods=("mixed",), config: BertConfig | None = None, threads: int = 2
             model = copy.deepcopy(fp32)
             sites = find_sites(model)
             plans = plan_sites(sites, q)
-            quantize_weights_(model, q.weight_bits)
+            weight_grids = quantize_weights_(model, q.weight_bits, q.weight_estimator)
             qa = calibrate(model, sites, plans, batches(calib, 16, 0), torch.device("cpu")) if plans else None
-            metrics, tags, _ = profile_stage(profile, hardware, fp32, model, qa, None, val, 0, root / method)
+            metrics, tags, _ = profile_stage(profile, hardware, fp32, model, qa, weight_grids, None, val, 0,
+                                             root / method)
             rows.append({"method": method, **metrics, **tags})
             del model, qa
     df = pd.DataFrame(rows)

@@ -1,15 +1,18 @@
 """Config validation, run before any minute is spent and before MLflow or the cache is touched."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
 
 from . import models
 from .errors import TransquantError
-from .quant.ptq import ESTIMATORS
+from .quant.ptq import ESTIMATORS, SHARE_GROUPS, WEIGHT_ESTIMATORS, plan_sites
 from .quant.ranges import GROUPINGS
-from .tracking import check_uri
+from .tracking import check_artifacts, check_uri
 from .quant.sites import ArchitectureError, Site, find_sites, select, unmatched
 
 TASKS = ("qnli-squad", "qnli", "synthetic")
@@ -34,12 +37,24 @@ def _positive_int(name: str, value, allow_none: bool = False) -> None:
            f"{name}={value}: must be an integer >= 1{' or null' if allow_none else ''}")
 
 
+def _writable_dir(name: str, value) -> None:
+    """A directory we may create and write (checked, not created: bad input writes nothing)."""
+    path = Path(str(value)).absolute()
+    _check(not path.exists() or path.is_dir(), f"{name}={value}: exists and is not a directory")
+    base = next(p for p in (path, *path.parents) if p.exists())
+    _check(base.is_dir(), f"{name}={value}: {base} is a file, not a directory")
+    _check(os.access(base, os.W_OK | os.X_OK), f"{name}={value}: {base} is not writable")
+
+
 def validate_static(cfg: DictConfig) -> None:
     """Checks that need no model: ranges, enums, types."""
     q = cfg.quant
     for key in ("weight_bits", "act_bits", "high_bits"):
         _bits(f"quant.{key}", q[key])
     _check(q.estimator in ESTIMATORS, f"quant.estimator={q.estimator}: allowed {', '.join(ESTIMATORS)}")
+    _check(q.weight_estimator in WEIGHT_ESTIMATORS,
+           f"quant.weight_estimator={q.weight_estimator}: allowed {', '.join(WEIGHT_ESTIMATORS)}")
+    _check(q.share_groups in SHARE_GROUPS, f"quant.share_groups={q.share_groups}: allowed {', '.join(SHARE_GROUPS)}")
     if q.estimator == "percentile":
         p = q.percentile
         _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100,
@@ -75,7 +90,11 @@ def validate_static(cfg: DictConfig) -> None:
     _positive_int("hardware.threads", hw.threads, allow_none=True)
     _check(cfg.on_error in ("stop", "continue"), f"on_error={cfg.on_error}: allowed stop, continue")
     _check(isinstance(cfg.resume, bool), f"resume={cfg.resume}: must be true or false")
+    check_artifacts(cfg.tracking)
     check_uri(cfg.tracking.uri)
+    if cfg.tracking.artifacts is not None:
+        _writable_dir("tracking.artifacts", cfg.tracking.artifacts)
+    _writable_dir("paths.cache_dir", cfg.paths.cache_dir)
 
 
 def skeleton(model_cfg) -> torch.nn.Module:
@@ -110,6 +129,7 @@ def validate_against_model(cfg: DictConfig) -> list[Site]:
         widths = [s.channels for s in select(sites, list(q.peg_sites)) if s.channels]
         hidden = min(widths) if widths else None
         _check(hidden is None or q.k <= hidden, f"quant.k={q.k}: must be in [1, {hidden}] (the hidden size of the PEG sites)")
+    plan_sites(sites, q)  # raises on PEG groups shared with a site that cannot give them
     return sites
 
 

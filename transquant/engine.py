@@ -11,22 +11,26 @@ ONNX Runtime engine (``profile.engine=onnxruntime``, the default)
        captured from PyTorch (the same taps calibration uses) and compared with every
        intermediate tensor of the exported graph on a padded sample batch. No node-name
        heuristics, and the mapping is a check that the export computes the same function.
-    3. QuantizeLinear→DequantizeLinear pairs carrying our grid (scale, zero point; uint8) are
-       inserted at every site quantized to <= 8 bits (Max/Min clipping in front for < 8 bits,
-       per-axis scales for per-embedding-group sites), and every consumer reads the dequantized
-       tensor — the residual path too, exactly as the fake-quant hooks replace a module output.
-       Sites kept at more than 8 bits (``mixed``'s 16-bit sites) stay float: a 16-bit grid is
-       within float rounding of the float tensor.
-    4. Weights on a <= 8-bit grid are stored as 8-bit initializers (the exact integers of our
-       symmetric per-tensor grid) feeding DequantizeLinear; embedding tables are gathered as
-       int8 and dequantized after the Gather, so the word embeddings (about half of MiniLM's
-       parameters) are 8-bit in the file too.
+    3. QuantizeLinear→DequantizeLinear pairs carrying our grid (scale, zero point) are
+       inserted at every quantized site: uint8 up to 8 bits, uint16 (``com.microsoft`` domain)
+       for ``mixed``'s 16-bit sites, with Max/Min clipping in front for grids narrower than
+       their container and per-channel scales for per-embedding-group sites. Every consumer
+       reads the dequantized tensor — the residual path too, exactly as the fake-quant hooks
+       replace a module output. So the engine is W8A{8,16} where the method is.
+    4. Weights on a <= 8-bit grid (the grids ``quantize_weights_`` returned, not re-derived)
+       are stored as 8-bit initializers feeding DequantizeLinear; embedding tables are
+       gathered as int8 and dequantized after the Gather, so the word embeddings (about half
+       of MiniLM's parameters) are 8-bit in the file too.
     5. :func:`fuse_for_cpu` writes ``MatMulIntegerToFloat`` (integer GEMM with the bias in its
-       epilogue) for every weight MatMul and folds the attention scaling into the scores' grid,
-       so ORT's optimizer turns ``q·kᵀ`` and ``probs·v`` into ``QLinearMatMul`` (uint8 in and
-       out). What stays float is the elementwise glue (LayerNorm, GELU, softmax, residual adds,
-       the Quantize passes).
-    The ``.onnx`` file is the deployable artifact and its bytes are the reported size.
+       epilogue) for every weight MatMul with an 8-bit input (the pooler's and classifier's
+       ``Gemm`` are rewritten as MatMuls first) and folds the attention scaling into the
+       scores' grid, so ORT's optimizer turns ``q·kᵀ`` and ``probs·v`` into ``QLinearMatMul``
+       (uint8 in and out). What stays float is the elementwise glue (LayerNorm, GELU, softmax,
+       residual adds, the Quantize passes) and products with a float or 16-bit input.
+    6. :mod:`transquant.engine_check` then counts integer and float MatMuls in the graph ORT's
+       optimizer produces (a weight MatMul with two 8-bit inputs left float fails the build)
+       and compares the engine's integer codes at every site with the fake-quant model's on
+       the sample batch (below 99.9 % equal fails the build).
 
     The CPU this was measured on reports ``avx2 fma`` and no AVX-512/VNNI in /proc/cpuinfo.
     There MLAS runs U8S8 GEMMs with ``vpmaddubsw``, which adds *pairs* of u8·s8 products in
@@ -41,12 +45,14 @@ ONNX Runtime engine (``profile.engine=onnxruntime``, the default)
     The ``.onnx`` file is the deployable artifact and its bytes are the reported size.
 
     PEG (per-embedding-group ranges) is exact here: groups are per-channel scales, written as
-    elementwise ``(clip(round(x/s_c + z_c), 0, qmax) - z_c) * s_c`` (ORT's per-axis QuantizeLinear on the
-    last axis was ~3x slower for the whole model). Where a PEG tensor feeds a MatMul (the FFN input), per-channel activation
-    scales cannot be folded into one integer GEMM (the scale varies along the *reduction*
-    axis), so the MatMul is split per group: the channels of a group are gathered, quantized
-    with the group's scalar grid and multiplied by the matching weight rows on an integer
-    kernel, and the K partial products are summed in float — the paper's proposal, executed.
+    elementwise ``(clip(round(x/s_c) + z_c, 0, qmax) - z_c) * s_c`` (ORT's per-axis
+    QuantizeLinear on the last axis was ~3x slower for the whole model); K=1 (one range for all
+    channels) is an ordinary per-tensor QDQ. Where a PEG tensor feeds a MatMul (the FFN input),
+    per-channel activation scales cannot be folded into one integer GEMM (the scale varies
+    along the *reduction* axis), so the MatMul is split per group: the channels of a group are
+    gathered, quantized with the group's scalar grid and multiplied by the matching weight rows
+    on an integer kernel, and the K partial products are summed in float — the paper's
+    proposal, executed.
 
 PyTorch engine (``profile.engine=torch``)
     ``torch.ao`` dynamic INT8 Linear layers with our int8 weights (exact grid) and per-row 8-bit
@@ -74,7 +80,7 @@ import torch
 from torch import nn
 
 from .errors import TransquantError
-from .quant.quantizers import Grid, fake_quantize, symmetric_grid
+from .quant.quantizers import Grid, fake_quantize
 from .quant.sites import find_sites, tap, use_tappable_attention
 
 log = logging.getLogger("transquant")
@@ -82,6 +88,8 @@ log = logging.getLogger("transquant")
 ENGINES = ("onnxruntime", "torch", "none")
 OPSET = 17
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
+# Ops that only move or reshape data: a per-tensor dequantization commutes with them.
+MOVES = frozenset({"Gather", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten"})
 # Python packages each engine needs, and the pip name to tell the user.
 _ENGINE_PACKAGES = {"onnxruntime": (("onnxruntime", "onnxruntime"), ("onnx", "onnx")), "torch": (), "none": ()}
 
@@ -132,29 +140,25 @@ def fixed_batch(items: list[dict], pad_id: int, batch_size: int, seq_len: int) -
     return out
 
 
-def weight_grid(fp32_weight: torch.Tensor, quant_weight: torch.Tensor, max_bits: int = 8) -> Grid | None:
-    """The symmetric per-tensor grid ``quantize_weights_`` put ``quant_weight`` on, if it has at
-    most ``max_bits`` bits (checked exactly against the float weight), else None."""
-    absmax = fp32_weight.detach().abs().max()
-    for bits in (8, *range(2, 8)):
-        if bits > max_bits:
-            continue
-        grid = symmetric_grid(absmax, bits)
-        if torch.equal(fake_quantize(fp32_weight.detach(), grid), quant_weight.detach()):
-            return grid
-    return None
-
-
-def weight_grids(fp32_model: nn.Module, quant_model: nn.Module) -> dict[str, tuple[nn.Module, Grid]]:
-    """Module name -> (quant module, grid) for every Linear/Embedding whose weights are on an
-    integer grid of <= 8 bits. Modules with float or > 8-bit weights are left out (stay float)."""
-    fp = dict(fp32_model.named_modules())
+def int8_weight_grids(model: nn.Module, grids: dict[str, Grid]) -> dict[str, tuple[nn.Module, Grid]]:
+    """Module name -> (module, grid) for the weights ``quantize_weights_`` put on a <= 8-bit grid
+    (``grids`` is what it returned); wider grids stay float with their exact values. Each weight
+    is checked to lie on its grid, because the engine stores exactly those integers."""
+    mods = dict(model.named_modules())
     out = {}
-    for name, mod in quant_model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Embedding)) and name in fp:
-            grid = weight_grid(fp[name].weight.detach().cpu(), mod.weight.detach().cpu())
-            if grid is not None:
-                out[name] = (mod, grid)
+    for name, grid in grids.items():
+        if grid.qmax > 127:
+            continue
+        mod = mods.get(name)
+        if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            raise EngineError(f"engine: weight grid given for {name!r}, which is not a module with a weight")
+        if grid.scale.numel() != 1:
+            raise EngineError(f"engine: the weight grid of {name} is not per-tensor; "
+                              "the engine stores one scale per weight")
+        w = mod.weight.detach().float().cpu()
+        if not torch.equal(fake_quantize(w, grid), w):
+            raise EngineError(f"engine: the weight of {name} is not on the grid quantize_weights_ returned for it")
+        out[name] = (mod, grid)
     return out
 
 
@@ -234,10 +238,55 @@ def export_onnx(model: nn.Module, batch: dict, path: Path) -> Path:
     return path
 
 
+def gemm_to_matmul(proto) -> int:
+    """Rewrite ``Gemm(x, W, b)`` (how 2-D Linear inputs export: the pooler, the classifier) as
+    ``MatMul(x, W') + b`` with the weight initializer stored as [in, out], so every weight product
+    takes the same integer path as the encoder's MatMuls. Returns the number rewritten."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    n = 0
+    for gemm in [x for x in g.node if x.op_type == "Gemm"]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+        if (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
+                or gemm.input[1] not in inits):
+            continue
+        w = numpy_helper.to_array(inits[gemm.input[1]])
+        w_name = f"{gemm.input[1]}_matmul{n}"
+        w = np.ascontiguousarray(w.T if attrs.get("transB", 0) else w)
+        g.initializer.append(numpy_helper.from_array(w, w_name))
+        has_bias = len(gemm.input) > 2 and gemm.input[2]
+        mm_out = gemm.output[0] + "_matmul" if has_bias else gemm.output[0]
+        nodes = [helper.make_node("MatMul", [gemm.input[0], w_name], [mm_out], name=gemm.name + "_matmul")]
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, gemm.input[2]], [gemm.output[0]], name=gemm.name + "_bias"))
+        at = list(g.node).index(gemm)
+        g.node.remove(gemm)
+        for i, node in enumerate(nodes):
+            g.node.insert(at + i, node)
+        n += 1
+    used = {x for node in g.node for x in node.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return n
+
+
+# ORT rewrites that would run another method than the one we built: a float weight between
+# quantized activations gets quantized to int8 (WeightBiasQuantization, W32A8), and int8 weights
+# under float activations become MatMulNBits that quantizes the activations per block at
+# accuracy level 4 (W8A32). Level 1 keeps its arithmetic float.
+ORT_CONFIG = {"optimization.disable_specified_optimizers": "WeightBiasQuantization",
+              "session.qdq_matmulnbits_accuracy_level": "1"}
+
+
 def ort_session(path_or_bytes, threads: int | None, optimize: bool = True, optimized_path: Path | None = None):
+    """A CPU session; ``optimized_path`` saves the graph ORT's optimizer produced (what runs)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    for key, value in ORT_CONFIG.items():
+        so.add_session_config_entry(key, value)
     if threads:
         so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
@@ -319,27 +368,42 @@ def match_sites(site_values: dict[str, np.ndarray], onnx_values: dict[str, np.nd
 
 @dataclass
 class ActQuant:
-    """One activation tensor's grid in ONNX terms (per-tensor, or per-channel on ``axis``)."""
+    """One activation tensor's grid in ONNX terms (per-tensor, or per-channel on ``axis``).
+
+    Grids of <= 8 bits are stored as uint8, wider ones (``mixed``'s 16-bit sites) as uint16:
+    ORT 1.32 runs uint16 QuantizeLinear in the ``com.microsoft`` domain at any opset (the ONNX
+    domain needs opset 21, and the export is opset 17)."""
 
     scale: np.ndarray  # float32, scalar or [C]
-    zero_point: np.ndarray  # uint8, same shape
+    zero_point: np.ndarray  # uint8 or uint16 (the container), same shape
     bits: int
     axis: int | None = None
 
     @classmethod
     def from_grid(cls, grid: Grid, rank: int) -> "ActQuant":
-        scale = grid.scale.detach().float().cpu().numpy().astype(np.float32)
-        zero = grid.zero_point.detach().cpu().numpy()
-        if grid.qmin != 0 or grid.qmax > 255:
-            raise EngineError(f"engine: activation grid [{grid.qmin}, {grid.qmax}] is not unsigned <= 8 bits")
+        """A per-channel grid whose channels all share one range (PEG with K=1) is per-tensor."""
+        scale = grid.scale.detach().float().cpu().numpy().astype(np.float32).reshape(-1)
+        zero = grid.zero_point.detach().cpu().numpy().reshape(-1)
+        if grid.qmin != 0 or grid.qmax > 65535:
+            raise EngineError(f"engine: activation grid [{grid.qmin}, {grid.qmax}] is not unsigned <= 16 bits")
         bits = int(math.log2(grid.qmax + 1))
-        if scale.size > 1:
-            return cls(scale.reshape(-1), zero.reshape(-1).astype(np.uint8), bits, axis=rank - 1)
-        return cls(scale.reshape(()), zero.reshape(()).astype(np.uint8), bits)
+        container = np.uint8 if bits <= 8 else np.uint16
+        if (scale == scale[0]).all() and (zero == zero[0]).all():
+            return cls(scale[0].reshape(()), zero[0].astype(container).reshape(()), bits)
+        return cls(scale, zero.astype(container), bits, axis=rank - 1)
 
     @property
     def per_channel(self) -> bool:
         return self.axis is not None
+
+    @property
+    def container_bits(self) -> int:
+        return 8 * self.zero_point.dtype.itemsize
+
+    @property
+    def domain(self) -> str:
+        """Operator domain of this grid's QuantizeLinear/DequantizeLinear."""
+        return "" if self.container_bits == 8 else "com.microsoft"
 
     def real_range(self) -> tuple[np.ndarray, np.ndarray]:
         qmax = 2 ** self.bits - 1
@@ -400,29 +464,32 @@ class _Graph:
         self.g.node.extend(nodes)
 
 
-def _qdq_nodes(G: _Graph, tensor: str, q: ActQuant, out: str | None = None) -> tuple[list, str]:
-    """(Clip) -> QuantizeLinear -> DequantizeLinear on ``tensor``; returns (nodes, dq output)."""
+def _qdq_nodes(G: _Graph, tensor: str, q: ActQuant, out: str | None = None) -> tuple[list, str, str]:
+    """(Clip) -> QuantizeLinear -> DequantizeLinear on ``tensor``; returns (nodes, dq output,
+    the tensor holding the integer codes)."""
     from onnx import helper
 
     nodes = []
     if q.per_channel:
         # ORT's per-axis QuantizeLinear on the innermost axis runs one tiny block per element
         # (measured ~3x slower for the whole PEG model); the same arithmetic as elementwise
-        # broadcasts is fast: clip(round(x / s_c + z_c), 0, qmax) then (q - z_c) * s_c.
+        # broadcasts is fast: clip(round(x / s_c) + z_c, 0, qmax) then (q - z_c) * s_c. Rounding
+        # before adding z_c, as QuantizeLinear and the fake quantizer do: round-half-to-even of
+        # x/s_c + z_c would break an exact .5 tie the other way for odd z_c.
         qmax = np.float32(2 ** q.bits - 1)
         s_c, z_c = G.const(tensor + "_scale", q.scale), G.const(tensor + "_zp", q.zero_point.astype(np.float32))
         lo, hi = G.const("qmin", np.float32(0)), G.const("qmax", qmax)
         t = [G.fresh(tensor + f"_pc{i}") for i in range(5)]
         dq = out or G.fresh(tensor + "_dq")
         nodes += [helper.make_node("Div", [tensor, s_c], [t[0]], name=G.fresh("tq_pc_div")),
-                  helper.make_node("Add", [t[0], z_c], [t[1]], name=G.fresh("tq_pc_zp")),
-                  helper.make_node("Round", [t[1]], [t[2]], name=G.fresh("tq_pc_round")),
+                  helper.make_node("Round", [t[0]], [t[1]], name=G.fresh("tq_pc_round")),
+                  helper.make_node("Add", [t[1], z_c], [t[2]], name=G.fresh("tq_pc_zp")),
                   helper.make_node("Clip", [t[2], lo, hi], [t[3]], name=G.fresh("tq_pc_clip")),
                   helper.make_node("Sub", [t[3], z_c], [t[4]], name=G.fresh("tq_pc_unzp")),
                   helper.make_node("Mul", [t[4], s_c], [dq], name=G.fresh("tq_pc_scale"))]
-        return nodes, dq
+        return nodes, dq, t[3]
     src = tensor
-    if q.bits < 8:
+    if q.bits < q.container_bits:
         lo, hi = q.real_range()
         clipped = G.fresh(tensor + "_clip")
         mx = G.fresh(tensor + "_clipmax")
@@ -431,29 +498,30 @@ def _qdq_nodes(G: _Graph, tensor: str, q: ActQuant, out: str | None = None) -> t
         src = clipped
     scale, zero = G.const(tensor + "_scale", q.scale), G.const(tensor + "_zp", q.zero_point)
     qt, dq = G.fresh(tensor + "_q"), out or G.fresh(tensor + "_dq")
-    nodes += [helper.make_node("QuantizeLinear", [src, scale, zero], [qt], name=G.fresh("tq_q")),
-              helper.make_node("DequantizeLinear", [qt, scale, zero], [dq], name=G.fresh("tq_dq"))]
-    return nodes, dq
+    nodes += [helper.make_node("QuantizeLinear", [src, scale, zero], [qt], name=G.fresh("tq_q"), domain=q.domain),
+              helper.make_node("DequantizeLinear", [qt, scale, zero], [dq], name=G.fresh("tq_dq"), domain=q.domain)]
+    return nodes, dq, qt
 
 
-def quantize_activation(G: _Graph, tensor: str, q: ActQuant, skip: set[int] = frozenset()) -> None:
+def quantize_activation(G: _Graph, tensor: str, q: ActQuant, skip: set[int] = frozenset()) -> str:
     """Insert QDQ on ``tensor`` and make every consumer read the dequantized tensor. A graph
-    output keeps its name (the producer's output is renamed)."""
+    output keeps its name (the producer's output is renamed). Returns the codes tensor."""
     outputs = {o.name for o in G.g.output}
     if tensor in outputs:
         producer = G.producer[tensor]
         raw = G.fresh(tensor + "_float")
         producer.output[list(producer.output).index(tensor)] = raw
         G.producer[raw] = producer
-        nodes, _ = _qdq_nodes(G, raw, q, out=tensor)
+        nodes, _, codes = _qdq_nodes(G, raw, q, out=tensor)
         G.place(raw, nodes)
-        return
-    nodes, dq = _qdq_nodes(G, tensor, q)
+        return codes
+    nodes, dq, codes = _qdq_nodes(G, tensor, q)
     # Shape nodes only read the dimensions: leave them on the float tensor, or ORT keeps a full
     # DequantizeLinear pass alive just to feed a Shape.
     shapes = {id(n) for n in G.consumers(tensor) if n.op_type == "Shape"}
     G.rewire(tensor, dq, skip={id(n) for n in nodes} | shapes | set(skip))
     G.place(tensor, nodes)
+    return codes
 
 
 def quantize_weight(G: _Graph, init_name: str, grid: Grid, array: np.ndarray, storage: str = "u8") -> None:
@@ -530,8 +598,8 @@ def split_peg_matmul(G: _Graph, tensor: str, q: ActQuant) -> set[int]:
         idx = np.nonzero(group_of == g)[0].astype(np.int64)
         xg = G.fresh(f"{tensor}_peg{g}")
         nodes = [helper.make_node("Gather", [tensor, G.const("idx", idx)], [xg], axis=-1, name=G.fresh("tq_peg_gather"))]
-        qg = ActQuant(np.float32(scale).reshape(()), np.uint8(zero).reshape(()), q.bits)
-        qdq, dq = _qdq_nodes(G, xg, qg)
+        qg = ActQuant(np.float32(scale).reshape(()), np.asarray(zero, q.zero_point.dtype).reshape(()), q.bits)
+        qdq, dq, _ = _qdq_nodes(G, xg, qg)
         G.place(tensor, nodes + qdq)
         skip.update(id(n) for n in nodes)
         parts.append((idx, dq))
@@ -595,6 +663,9 @@ def fuse_for_cpu(proto) -> dict[str, int]:
     - ``scores``: ``MatMul(q, kᵀ) * α -> Q(s)`` becomes ``MatMul(q, kᵀ) -> Q(s/α)`` (same codes
       up to float ties), so ORT runs QLinearMatMul with a uint8 output instead of a float
       MatMul, a Mul pass and a Quantize pass; the DequantizeLinear keeps scale ``s``.
+    - ``hoisted_dq``: ``DQ(x) -> Gather/Slice/… -> MatMul(·, DQ(W))`` (the pooler reads the
+      [CLS] row) becomes ``Gather/Slice/…(x) -> DQ``: moving data before or after a per-tensor
+      dequantization is exact, and the MatMul then reads a DQ, as the next rewrite needs.
     - ``matmul_bias``: ``DQ(uint8 x), DQ(int8 W) -> MatMul -> Add(bias)`` becomes one
       ``MatMulIntegerToFloat(x, W, …, bias)`` (the bias add happens in the GEMM epilogue).
 
@@ -604,7 +675,7 @@ def fuse_for_cpu(proto) -> dict[str, int]:
     from onnx import TensorProto, helper, numpy_helper
 
     g = proto.graph
-    stats = {"scores": 0, "matmul_bias": 0}
+    stats = {"scores": 0, "hoisted_dq": 0, "matmul_bias": 0}
     outputs = {o.name for o in g.output}
 
     def maps():
@@ -648,6 +719,29 @@ def fuse_for_cpu(proto) -> dict[str, int]:
         g.node.remove(mul)
         stats["scores"] += 1
 
+    hoisted = True
+    while hoisted:
+        hoisted = False
+        prod, cons = maps()
+        for mm in [n for n in g.node if n.op_type == "MatMul"]:
+            mv, dq_w = prod.get(mm.input[0]), prod.get(mm.input[1])
+            dq = prod.get(mv.input[0]) if mv is not None and mv.op_type in MOVES else None
+            if (dq is None or dq.op_type != "DequantizeLinear" or dq_w is None or dq_w.op_type != "DequantizeLinear"
+                    or any(at.name == "axis" for at in dq.attribute) or len(dq.input) < 3
+                    or dtype(dq.input[2]) != TensorProto.UINT8
+                    or dtype(dq_w.input[0]) not in (TensorProto.INT8, TensorProto.UINT8)):
+                continue
+            codes = mv.output[0] + "_codes"
+            moved = copy.deepcopy(mv)
+            moved.input[0], moved.output[0] = dq.input[0], codes
+            after = helper.make_node("DequantizeLinear", [codes, dq.input[1], dq.input[2]], [mv.output[0]],
+                                     name=mv.name + "_dq")
+            replace([mv], moved, mv)
+            g.node.insert(list(g.node).index(moved) + 1, after)
+            stats["hoisted_dq"] += 1
+            hoisted = True
+            break
+
     prod, cons = maps()
     for mm in [n for n in g.node if n.op_type == "MatMul"]:
         dq_a, dq_w = prod.get(mm.input[0]), prod.get(mm.input[1])
@@ -682,39 +776,59 @@ def fuse_for_cpu(proto) -> dict[str, int]:
     used = {x for n in g.node for x in n.input}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
-    if not any(op.domain == "com.microsoft" for op in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return stats
 
 
 @dataclass
 class BuildReport:
-    """What the ONNX build did: which sites and weights are integer, which stayed float."""
+    """What the ONNX build did, and what the checks of :mod:`transquant.engine_check` found."""
 
-    quantized_sites: list[str]
-    float_sites: list[str]
+    site_bits: dict[str, int]
     int8_weights: list[str]
     float_weights: list[str]
     peg_split_sites: list[str]
     site_tensors: dict[str, str]
+    site_codes: dict[str, tuple[str, int]]  # site -> (tensor with its integer codes, ONNX element type)
+    precision: str
     fusions: dict[str, int] = field(default_factory=dict)
+    int_matmuls: int = 0
+    float_matmuls: int = 0
+    code_agreement: float | None = None
+    site_agreement: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
-        return (f"{len(self.quantized_sites)} activation sites QDQ (uint8), {len(self.float_sites)} float (>8-bit), "
-                f"{len(self.int8_weights)} int8 weight tensors, {len(self.float_weights)} float, "
-                f"{len(self.peg_split_sites)} PEG MatMuls split per group, fusions {self.fusions}")
+        bits = sorted(set(self.site_bits.values()))
+        per_bits = ", ".join(f"{sum(b == x for b in self.site_bits.values())} at {x} bits" for x in bits) or "none"
+        agree = "-" if self.code_agreement is None else f"{self.code_agreement:.5f}"
+        return (f"{self.precision}: activation sites QDQ {per_bits}; {len(self.int8_weights)} int8 weight tensors, "
+                f"{len(self.float_weights)} float; {len(self.peg_split_sites)} PEG MatMuls split per group; "
+                f"fusions {self.fusions}; after ORT's optimizer {self.int_matmuls} integer and "
+                f"{self.float_matmuls} float MatMuls; code agreement {agree}")
 
 
-def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, qa, batch: dict, workdir: Path,
-                    name: str = "engine", weight_storage: str = "s8", fuse: bool = True
+def precision_label(weight_bits: list[int], act_bits: list[int]) -> str:
+    """``W8A{8,16}``-style label of what the engine stores and computes (32 = float)."""
+    def fmt(bits: list[int]) -> str:
+        uniq = sorted(set(bits)) or [32]
+        return str(uniq[0]) if len(uniq) == 1 else "{" + ",".join(map(str, uniq)) + "}"
+    return f"W{fmt(weight_bits)}A{fmt(act_bits)}"
+
+
+def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, qa, weight_grids: dict[str, Grid], batch: dict,
+                    workdir: Path, name: str = "engine", weight_storage: str = "s8", threads: int | None = None
                     ) -> tuple[Path, Path, BuildReport]:
-    """Export ``quant_model`` and write our grids into it. Returns (fp32 export, int8 model, report).
+    """Export ``quant_model``, write our grids into it and check the result. Returns (fp32
+    export, engine model, report).
 
-    ``qa`` may be None (no activation quantization). Weights are int8 where ``quant_model``'s
-    weights lie on a <= 8-bit grid of ``fp32_model``'s, else they stay float (their exact values).
+    ``qa`` may be None (no activation quantization). ``weight_grids`` is what
+    ``quantize_weights_`` returned: those of <= 8 bits are stored as int8, the others stay float.
+    ``batch`` (padded, e.g. :func:`sample_batch`) maps sites to tensors and is the sample on
+    which the engine's codes must match the fake-quant model's.
     """
     import onnx
     from onnx import numpy_helper
+
+    from .engine_check import code_agreement, matmul_kernels
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -723,14 +837,13 @@ def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, qa, batch: di
         export_onnx(fp32_model, batch, fp32_path)
     q_export = export_onnx(quant_model, batch, workdir / f"{name}.float.onnx")
     proto = onnx.load(str(q_export))
+    gemms = gemm_to_matmul(proto)
 
     grids = dict(qa.grids) if qa is not None else {}
-    int_sites = [n for n in grids if grids[n].qmax <= 255]
-    float_sites = [n for n in grids if grids[n].qmax > 255]
     feeds = {k: batch[k].cpu().numpy() for k in input_names(batch)}
     tensors: dict[str, str] = {}
-    if int_sites:
-        values = capture_sites(quant_model, int_sites, batch)
+    if grids:
+        values = capture_sites(quant_model, list(grids), batch)
         onnx_values, order = onnx_intermediates(proto, feeds)
         tensors = match_sites(values, onnx_values, order)
         ranks = {s: values[s].ndim for s in values}
@@ -741,8 +854,8 @@ def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, qa, batch: di
     for init in proto.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
             by_bytes[(tuple(init.dims), numpy_helper.to_array(init).tobytes())] = init.name
-    int8_weights, float_weights = [], []
-    wg = weight_grids(fp32_model, quant_model)
+    int8_weights, float_weights, weight_bits = [], [], []
+    wg = int8_weight_grids(quant_model, weight_grids)
     for mod_name, (mod, grid) in wg.items():
         w = mod.weight.detach().float().cpu().numpy()
         found = False
@@ -751,30 +864,49 @@ def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, qa, batch: di
             if key in by_bytes:
                 quantize_weight(G, by_bytes.pop(key), grid, arr, weight_storage)
                 found = True
-        (int8_weights if found else float_weights).append(mod_name)
+        if not found:
+            raise EngineError(f"engine export: the weight of {mod_name} is not an initializer of the ONNX graph, "
+                              "so it cannot be stored as int8")
+        int8_weights.append(mod_name)
+        weight_bits.append(int(math.log2(grid.qmax + 1)) + 1)
     for mod_name, mod in quant_model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)) and mod_name not in wg:
             float_weights.append(mod_name)
+            weight_bits.append(32)
 
     peg_split = []
     seen: dict[str, str] = {}
-    for site in int_sites:
+    codes: dict[str, tuple[str, int]] = {}
+    site_bits: dict[str, int] = {}
+    for site in grids:
         t = tensors[site]
         if t in seen:
             raise EngineError(f"engine: sites {seen[t]} and {site} map to the same tensor {t}")
         seen[t] = site
         q = ActQuant.from_grid(grids[site], ranks[site])
-        skip = split_peg_matmul(G, t, q) if q.per_channel else set()
+        skip = split_peg_matmul(G, t, q) if q.per_channel and q.container_bits == 8 else set()
         if skip:
             peg_split.append(site)
-        quantize_activation(G, t, q, skip)  # the other consumers (residual add) read per-axis QDQ
+        elem = onnx.TensorProto.FLOAT if q.per_channel else onnx.helper.np_dtype_to_tensor_dtype(q.zero_point.dtype)
+        codes[site] = (quantize_activation(G, t, q, skip), elem)  # other consumers (residual add): per-axis QDQ
+        site_bits[site] = q.bits
     G.finish()
+    if not any(op.domain == "com.microsoft" for op in proto.opset_import):  # uint16 QDQ, fused kernels
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.checker.check_model(proto)
-    fused = fuse_for_cpu(proto) if fuse else {}
+    fused = {"gemm_to_matmul": gemms, **fuse_for_cpu(proto)}
     out = workdir / f"{name}.onnx"
     onnx.save(proto, str(out))
     q_export.unlink()
-    report = BuildReport(int_sites, float_sites, int8_weights, float_weights, peg_split, tensors, fused)
+
+    act_bits = list(site_bits.values())
+    if qa is not None and {s.name for s in find_sites(quant_model)} - set(grids):
+        act_bits.append(32)  # sites the method leaves float
+    report = BuildReport(site_bits, int8_weights, float_weights, peg_split, tensors, codes,
+                         precision_label(weight_bits, act_bits), fused)
+    report.int_matmuls, report.float_matmuls = matmul_kernels(out, workdir / f"{name}.optimized.onnx", threads)
+    if qa is not None:
+        report.code_agreement, report.site_agreement = code_agreement(quant_model, qa, out, codes, batch, threads)
     log.info("engine %s: %s", name, report.summary())
     return fp32_path, out, report
 
@@ -784,21 +916,28 @@ def ort_dynamic_int8(fp32_onnx: Path, out: Path) -> Path:
     quantized per batch at run time): the peer every engine is compared with."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-    quantize_dynamic(str(fp32_onnx), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # its chatter goes to the root logger
+    try:
+        quantize_dynamic(str(fp32_onnx), str(out), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gather"])
+    finally:
+        root.setLevel(level)  # the job's own INFO lines must keep coming
     return Path(out)
 
 
 # --- PyTorch engine ----------------------------------------------------------------------------
 
-def build_torch_int8(fp32_model: nn.Module, quant_model: nn.Module, path: Path) -> nn.Module:
-    """Dynamic INT8 Linear layers (our exact int8 weights) and 8-bit per-row embeddings; the
-    model's state dict (packed int8 tensors) is saved to ``path`` (the artifact)."""
+def build_torch_int8(quant_model: nn.Module, weight_grids: dict[str, Grid], path: Path) -> nn.Module:
+    """Dynamic INT8 Linear layers (our exact int8 weights, from ``quantize_weights_``'s grids)
+    and 8-bit per-row embeddings; the model's state dict (packed int8 tensors) is saved to
+    ``path`` (the artifact)."""
     from torch.ao.nn.quantized import dynamic as nnqd
     from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, quantize_dynamic
 
     model = copy.deepcopy(quant_model).cpu().eval()
-    grids = weight_grids(fp32_model, model)
+    grids = int8_weight_grids(model, weight_grids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qmodel = quantize_dynamic(model, {nn.Linear: default_dynamic_qconfig,

@@ -21,11 +21,13 @@ from filelock import FileLock
 
 from . import cache, config, finetune, models, tracking
 from .errors import TransquantError
-from .evaluate import accuracy
+from .evaluate import predictions
 from .figures import log_figures
 from .profiling import profile_stage
+from .provenance import fingerprint
 from .quant.ptq import calibrate, plan_sites, quantize_weights_
 from .quant.sites import find_sites
+from .significance import PREDICTIONS, job_metrics, save_predictions
 from .statistics import log_quantization_error, log_statistics, quantization_error, sample_items
 from .stats import figure_k, job_statistics
 from .tasks import DataError, batches, encode, load_task
@@ -55,13 +57,21 @@ def calibration_items(items: list[dict], cfg: DictConfig) -> list[dict]:
     return random.Random(cfg.calibration.seed).sample(items, n)
 
 
-def fp32_accuracy(model, ckpt: Path, val_items, task, cfg, tokenizer, device) -> tuple[float, float]:
-    """FP32 validation accuracy, cached beside the checkpoint per validation set."""
+def fp32_predictions(model, ckpt: Path, val_items, task, cfg, tokenizer, device):
+    """FP32 (predictions, labels) in validation order and the seconds spent, cached beside the
+    checkpoint per validation set, evaluation settings and the code and libraries that evaluate."""
     started = time.perf_counter()
-    path = ckpt.with_name(ckpt.name + ".eval") / f"{task.fingerprint('validation')}.json"
-    value, _ = cache.cached_json(path, lambda: {"accuracy": accuracy(
-        model, val_items, cfg.eval.batch_size, tokenizer.pad_token_id, device, desc="evaluate fp32")})
-    return value["accuracy"], time.perf_counter() - started
+    key = cache.key_of({"validation": task.fingerprint("validation"), "max_length": cfg.train.max_length,
+                        "batch_size": cfg.eval.batch_size, "device": device.type,
+                        "code": fingerprint(("transquant.evaluate", "transquant.tasks", "transquant.models"))})
+
+    def compute() -> dict:
+        pred, label = predictions(model, val_items, cfg.eval.batch_size, tokenizer.pad_token_id, device,
+                                  desc="evaluate fp32", original_order=True)
+        return {"prediction": pred.tolist(), "label": label.tolist()}
+
+    value, _ = cache.cached_json(ckpt.with_name(ckpt.name + ".eval") / f"{key}.json", compute)
+    return torch.tensor(value["prediction"]), torch.tensor(value["label"]), time.perf_counter() - started
 
 
 def ranges_table(qa) -> pd.DataFrame:
@@ -94,7 +104,7 @@ def prepare(cfg: DictConfig):
 def run_job(cfg: DictConfig) -> float:
     """One experiment job (fine-tune, calibrate, quantize, evaluate, stats, profile); returns accuracy."""
     device, task, tokenizer = prepare(cfg)
-    key = tracking.job_key(cfg)
+    key = tracking.job_key(cfg, task)
     (Path(cfg.paths.cache_dir) / "jobs").mkdir(parents=True, exist_ok=True)
     with FileLock(str(Path(cfg.paths.cache_dir) / "jobs" / f"{key}.lock")):
         finished, stale = tracking.previous_runs(cfg, key)
@@ -117,7 +127,9 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
         metrics = {} if was_cached else {"finetune_seconds": time.perf_counter() - started}
         model = models.load_finetuned(ckpt).to(device)
         val_items = encode(tokenizer, task.validation, cfg.train.max_length)
-        fp32, metrics["fp32_eval_seconds"] = fp32_accuracy(model, ckpt, val_items, task, cfg, tokenizer, device)
+        fp32_pred, labels, metrics["fp32_eval_seconds"] = fp32_predictions(model, ckpt, val_items, task, cfg,
+                                                                           tokenizer, device)
+        fp32 = 100.0 * (fp32_pred == labels).double().mean().item()
         log.info("FP32 accuracy %.2f %%", fp32)
 
         stats = None
@@ -130,7 +142,8 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
 
         sites = find_sites(model)
         plans = plan_sites(sites, q)
-        metrics["quantized_weight_tensors"] = quantize_weights_(model, q.weight_bits)
+        weight_grids = quantize_weights_(model, q.weight_bits, q.weight_estimator)
+        metrics["quantized_weight_tensors"] = len(weight_grids)
         metrics.update({"quantized_activation_sites": len(plans), "train_examples": len(task.train),
                         "eval_examples": len(task.validation)})
         qa = None
@@ -143,12 +156,17 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
         if plans or metrics["quantized_weight_tensors"]:
             t0 = time.perf_counter()
             with qa.active() if qa else nullcontext():
-                acc = accuracy(model, val_items, cfg.eval.batch_size, pad_id, device, desc=f"evaluate {q.method}")
+                pred, _ = predictions(model, val_items, cfg.eval.batch_size, pad_id, device,
+                                      desc=f"evaluate {q.method}", original_order=True)
             metrics["eval_seconds"] = time.perf_counter() - t0
         else:
-            acc = fp32
-        metrics.update({"accuracy": acc, "fp32_accuracy": fp32, "accuracy_drop": fp32 - acc})
+            pred = fp32_pred
+        acc = 100.0 * (pred == labels).double().mean().item()
+        metrics.update({"accuracy": acc, "fp32_accuracy": fp32, "accuracy_drop": fp32 - acc,
+                        **job_metrics((pred == labels).numpy(), (fp32_pred == labels).numpy())})
         run.metrics(metrics)
+        with tempfile.TemporaryDirectory() as tmp:  # per example, so any two runs can be compared later
+            run.artifact_file(save_predictions(Path(tmp) / PREDICTIONS, pred.numpy(), labels.numpy()))
         log.info("%s accuracy %.2f %% (FP32 %.2f %%, drop %.2f points)", q.method, acc, fp32, fp32 - acc)
 
         fp32_model = models.load_finetuned(ckpt).to(device) if (stats and qa) or cfg.profile.enabled else None
@@ -162,17 +180,18 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
                 run.metrics({"error_attribution_seconds": time.perf_counter() - t0})
             log_figures(run, stats, figure_k(cfg), error_df)
         if cfg.profile.enabled:
-            _profile(cfg, run, fp32_model, model, qa, tokenizer, val_items)
+            _profile(cfg, run, fp32_model, model, qa, weight_grids, tokenizer, val_items)
         _log_hydra_files(run)
         return acc
 
 
-def _profile(cfg, run: JobRun, fp32_model, model, qa, tokenizer, val_items) -> None:
-    """Latency, memory and size of what would ship, FP32 and peer timed interleaved in one run."""
+def _profile(cfg, run: JobRun, fp32_model, model, qa, weight_grids, tokenizer, val_items) -> None:
+    """Latency, memory and size of what would ship, timed interleaved with its baselines (PyTorch
+    FP32, ONNX Runtime FP32, the peer) in one run; the engine reuses ``weight_grids``."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transquant-profile-") as workdir:
-        values, tags, artifacts = profile_stage(cfg.profile, cfg.hardware, fp32_model, model, qa, tokenizer,
-                                                val_items, tokenizer.pad_token_id, Path(workdir))
+        values, tags, artifacts = profile_stage(cfg.profile, cfg.hardware, fp32_model, model, qa, weight_grids,
+                                                tokenizer, val_items, tokenizer.pad_token_id, Path(workdir))
         run.metrics({**values, "profile_seconds": time.perf_counter() - t0})
         for k, v in tags.items():
             run.tag(k, v)

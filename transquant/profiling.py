@@ -5,11 +5,18 @@ What is measured
 - **Latency**: ``warmup`` untimed then ``iterations`` timed forward passes on a fixed
   [batch_size, seq_len] batch of validation sequences. CPU: ``time.perf_counter_ns`` around each
   call; GPU: CUDA events. p50, p95, mean (ms) and throughput = batch_size / mean (sequences/s).
-- **Interleaving**: FP32 (PyTorch eager, the fine-tuned model as the pipeline holds it), the peer
-  (ONNX Runtime's own dynamic INT8 of the same model) and the candidate are timed round-robin in
-  blocks of ``block`` iterations, so load from other processes hits all three alike and the
-  ratios (``speedup_vs_fp32`` = FP32 p50 / candidate p50, ``peer_speedup_vs_fp32``) hold on a
-  noisy machine even when absolute milliseconds do not.
+- **Baselines**, each speed-up named after its own: PyTorch FP32 (a fresh copy of the fine-tuned
+  model with ``profile.fp32_attention``, default ``sdpa`` as users run it; tag
+  ``fp32_attention``) -> ``speedup_vs_torch_fp32`` (= ``speedup_vs_fp32``); ONNX Runtime FP32
+  of the very export the engine is built from -> ``speedup_vs_ort_fp32``; the peer, ORT's own
+  dynamic INT8 of that export -> ``speedup_vs_peer``. ``bench_base`` runs the same stage.
+- **Interleaving**: all four are timed round-robin in blocks of ``block`` iterations, so load
+  from other processes hits them alike and the ratios (p50 / p50) hold on a noisy machine even
+  when absolute milliseconds do not.
+- **What the engine runs**: ``engine_int8_matmuls`` / ``engine_float_matmuls`` count the
+  MatMuls of the graph after ORT's optimizer, ``engine_code_agreement`` is the share of the
+  engine's integer codes equal to the fake-quant model's, and the tag ``engine_precision``
+  (e.g. ``W8A{8,16}``) says what is stored and computed (:mod:`transquant.engine_check`).
 - **Peak memory** (``peak_memory_mb``): CPU — peak growth of the resident set of a *fresh*
   process that loads the artifact and runs ``mem_iterations`` passes of the timing batch, over
   its RSS before loading (the kernel's high-water mark VmHWM, reset by writing "5" to
@@ -27,7 +34,7 @@ What is measured
 
 On GPU the PyTorch candidates are timed with CUDA events when the engine is PyTorch too; with
 the ONNX Runtime engine (CPU only here) every candidate is timed with the host clock and the
-GPU runs end in ``torch.cuda.synchronize()``, so all three share one clock.
+GPU runs end in ``torch.cuda.synchronize()``, so all candidates share one clock.
 
 Timers are injectable (``timer=`` anything with ``time(fn) -> nanoseconds``) so the statistics
 are tested with a stub.
@@ -187,7 +194,7 @@ def cuda_peak_growth(fn: Callable[[], Any], repeats: int = 3) -> float:
     return (torch.cuda.max_memory_allocated() - before) / MB
 
 
-def _probe(kind: str, path: str, batch_npz: str, threads: int, repeats: int) -> dict:
+def _probe(kind: str, path: str, batch_npz: str, threads: int, repeats: int, attention: str = "sdpa") -> dict:
     """Runs in a fresh interpreter: load one artifact, run it ``repeats`` times, and report MB of
     resident-set growth over the pre-load baseline: after loading, and at the peak (VmHWM, reset
     before loading) over load + inference. Lazily mapped weights (safetensors) only become
@@ -204,7 +211,7 @@ def _probe(kind: str, path: str, batch_npz: str, threads: int, repeats: int) -> 
 
         if threads:
             torch.set_num_threads(threads)
-        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attention).eval()
         feeds = {k: torch.from_numpy(v) for k, v in data.items()}
 
         def fn():
@@ -222,13 +229,14 @@ def _probe(kind: str, path: str, batch_npz: str, threads: int, repeats: int) -> 
             "inference_mb": (peak - loaded) / MB, "method": method}
 
 
-def memory_in_subprocess(kind: str, path: Path, batch: dict, threads, repeats: int, workdir: Path) -> dict | None:
+def memory_in_subprocess(kind: str, path: Path, batch: dict, threads, repeats: int, workdir: Path,
+                         attention: str = "sdpa") -> dict | None:
     """:func:`_probe` in a child process, so the measurement is not blurred by memory this
     process freed earlier (malloc reuses it without the resident set growing)."""
     npz = Path(workdir) / "memory_batch.npz"
     np.savez(npz, **{k: v.cpu().numpy() for k, v in batch.items()})
     cmd = [sys.executable, "-m", "transquant.profiling", "--probe", kind, str(path), str(npz),
-           str(int(threads or 0)), str(int(repeats))]
+           str(int(threads or 0)), str(int(repeats)), "--attention", attention]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                              cwd=str(Path(__file__).resolve().parent.parent))
@@ -284,43 +292,61 @@ def _torch_size(model, path: Path) -> int:
     return path.stat().st_size
 
 
-def build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, batch, sample, workdir: Path,
-                     device: torch.device) -> tuple[Candidate, Candidate | None, Candidate, dict]:
-    """(FP32, peer, candidate, info). The peer is ORT dynamic INT8 of the FP32 model; it is
-    skipped (None) only when the onnxruntime engine cannot be used."""
+def torch_fp32(model, attention: str):
+    """A fresh copy of the FP32 model running the attention kernel users run (``sdpa``, the
+    transformers default): the caller's model may have been switched to the Python eager kernel
+    with taps (calibration, error attribution), which is slower and not what ships."""
+    fresh = copy.deepcopy(model).eval()
+    try:
+        fresh.set_attn_implementation(attention)
+    except (ValueError, ImportError) as err:
+        raise E.EngineError(f"profile.fp32_attention={attention}: {str(err).splitlines()[0]}") from err
+    return fresh
+
+
+def build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, weight_grids, batch, sample,
+                     workdir: Path, device: torch.device) -> tuple[dict[str, Candidate], dict]:
+    """({name: candidate}, info): ``fp32`` (PyTorch, fresh copy, ``profile.fp32_attention``),
+    ``ort_fp32`` (ONNX Runtime FP32 of the export every ORT candidate starts from), ``peer`` (ORT
+    dynamic INT8 of that export) and ``engine``. ``ort_fp32`` and ``peer`` are skipped only when
+    onnxruntime cannot be used."""
     engine = str(cfg_profile.get("engine", "onnxruntime"))
     E.require_engine(engine)
-    info: dict[str, Any] = {"engine": engine}
-    fp32 = Candidate("fp32", lambda: _torch_runner(fp32_model, batch, device), None)
+    fp32_torch = torch_fp32(fp32_model, str(cfg_profile.get("fp32_attention", "sdpa"))).to(device)
+    info: dict[str, Any] = {"engine": engine, "fp32_attention": fp32_torch.config._attn_implementation}
+    cands = {"fp32": Candidate("fp32", lambda: _torch_runner(fp32_torch, batch, device), None)}
 
-    peer = None
     fp32_onnx = None
-    have_ort = True
     try:
         E.require_engine("onnxruntime")
     except E.EngineError:
-        have_ort = False
-    if have_ort:
+        pass
+    else:
         fp32_onnx = E.export_onnx(fp32_model, sample, workdir / "fp32.onnx")
         peer_path = E.ort_dynamic_int8(fp32_onnx, workdir / "peer_ort_dynamic_int8.onnx")
-        peer = Candidate("peer", lambda: _ort_runner(peer_path, threads, batch), peer_path.stat().st_size,
-                         probe=("onnx", peer_path))
+        cands["ort_fp32"] = Candidate("ort_fp32", lambda: _ort_runner(fp32_onnx, threads, batch),
+                                      fp32_onnx.stat().st_size, probe=("onnx", fp32_onnx))
+        cands["peer"] = Candidate("peer", lambda: _ort_runner(peer_path, threads, batch), peer_path.stat().st_size,
+                                  probe=("onnx", peer_path))
         info["peer_path"] = str(peer_path)
 
+    fp32 = cands["fp32"]
     if engine == "onnxruntime":
-        _, path, report = E.build_onnx_int8(fp32_model, quant_model, qa, sample, workdir, name="engine",
-                                            weight_storage=str(cfg_profile.get("weight_storage", "s8")))
+        _, path, report = E.build_onnx_int8(fp32_model, quant_model, qa, weight_grids, sample, workdir, name="engine",
+                                            weight_storage=str(cfg_profile.get("weight_storage", "s8")),
+                                            threads=threads)
         eng = E.ort_engine("onnxruntime", path, threads, E.input_names(sample), {"report": report})
         cand = Candidate("engine", lambda: _ort_runner(path, threads, batch), path.stat().st_size, eng,
                          probe=("onnx", path))
         fp32.size_bytes = fp32_onnx.stat().st_size
-        info.update(path=str(path), build=report.summary(), site_tensors=report.site_tensors)
+        info.update(path=str(path), build=report.summary(), site_tensors=report.site_tensors, report=report,
+                    precision=report.precision)
     elif engine == "torch":
-        grids = E.weight_grids(fp32_model, quant_model)
+        n_int8 = len(E.int8_weight_grids(quant_model, weight_grids))
         path = workdir / "engine_torch_int8.pt"
-        if grids:
-            qmodel = E.build_torch_int8(fp32_model, quant_model, path)
-            info["build"] = f"torch dynamic INT8: {len(grids)} int8 weight tensors (activations quantized per batch)"
+        if n_int8:
+            qmodel = E.build_torch_int8(quant_model, weight_grids, path)
+            info["build"] = f"torch dynamic INT8: {n_int8} int8 weight tensors (activations quantized per batch)"
         else:
             qmodel = copy.deepcopy(quant_model).cpu().eval()
             _torch_size(qmodel, path)
@@ -344,16 +370,19 @@ def build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, batch, s
         cand = Candidate("engine", lambda: _torch_runner(quant_model, batch, device, ctx), size, eng)
         fp32.size_bytes = _torch_size(fp32_model, workdir / "fp32_state_dict.pt")
         info.update(path=str(path), build="none: fake-quantized float model (simulation, not a deployable INT8 engine)")
-    return fp32, peer, cand, info
+    cands["engine"] = cand
+    return cands, info
 
 
 # --- the stage ---------------------------------------------------------------------------------
 
-def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, tokenizer, val_items, pad_id,
+def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, weight_grids, tokenizer, val_items, pad_id,
                   workdir: Path, timer=None) -> tuple[dict[str, float], dict[str, str], list[Path]]:
-    """Profile FP32, the peer and the method's deployable engine in one interleaved run.
+    """Profile PyTorch FP32, ORT FP32, the peer and the method's deployable engine in one
+    interleaved run.
 
-    Returns (metrics, tags, artifact paths). ``qa`` may be None (fp32 / weight-only methods).
+    Returns (metrics, tags, artifact paths). ``qa`` may be None (fp32 / weight-only methods);
+    ``weight_grids`` is what ``quantize_weights_`` returned.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -368,10 +397,10 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, tokeni
     quant_model.eval()
 
     t0 = time.perf_counter()
-    fp32, peer, cand, info = build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, batch,
-                                              sample, workdir / "artifacts", device)
+    cands, info = build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, weight_grids, batch,
+                                   sample, workdir / "artifacts", device)
     build_s = time.perf_counter() - t0
-    cands = [c for c in (cand, fp32, peer) if c is not None]
+    fp32, cand = cands["fp32"], cands["engine"]
 
     # Memory: CPU artifacts are probed in a fresh process each (load, then a few inferences);
     # the PyTorch candidates of the torch/none engines, and GPU runs, are measured in-process.
@@ -382,12 +411,13 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, tokeni
         if hasattr(fp32_model, "save_pretrained"):
             fp32_model.save_pretrained(fp32_dir)
             fp32.probe = ("hf", fp32_dir)
-        for c in cands:
-            got = memory_in_subprocess(*c.probe, batch, threads, mem_reps, workdir) if c.probe else None
+        for c in cands.values():
+            got = (memory_in_subprocess(*c.probe, batch, threads, mem_reps, workdir, info["fp32_attention"])
+                   if c.probe else None)
             if got is not None:
                 memory[c.name], load_mem[c.name], mem_method[c.name] = got["peak_mb"], got["load_mb"], "subprocess-" + got["method"]
                 infer_mem[c.name] = got["inference_mb"]
-    for c in cands:
+    for c in cands.values():
         before = rss_bytes()
         fn = c.load()
         after = rss_bytes()
@@ -396,7 +426,8 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, tokeni
             continue
         load_mem[c.name] = None if before is None or after is None else max(0, after - before) / MB
         infer_mem[c.name] = None
-        if device.type == "cuda" and c.name != "peer" and not (c.name == "engine" and info["engine"] == "onnxruntime"):
+        torch_on_gpu = c.name == "fp32" or (c.name == "engine" and info["engine"] != "onnxruntime")
+        if device.type == "cuda" and torch_on_gpu:
             memory[c.name], mem_method[c.name] = cuda_peak_growth(fn, mem_reps), "cuda"
         else:
             infer_mem[c.name], m = peak_rss_growth(fn, mem_reps)
@@ -406,9 +437,7 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, tokeni
     timer = timer or timer_for(str(device) if info["engine"] in ("torch", "none") else "cpu")
     warmup, iters = int(cfg_profile.get("warmup", 100)), int(cfg_profile.get("iterations", 500))
     t0 = time.perf_counter()
-    times = interleaved({"fp32": runners["fp32"], "engine": runners["engine"],
-                         **({"peer": runners["peer"]} if "peer" in runners else {})},
-                        warmup, iters, int(cfg_profile.get("block", 10)), timer)
+    times = interleaved(runners, warmup, iters, int(cfg_profile.get("block", 10)), timer)
     timing_s = time.perf_counter() - t0
     stats = {name: LatencyStats.from_ns(ts, bs) for name, ts in times.items()}
     s_fp, s_c = stats["fp32"], stats["engine"]
@@ -417,49 +446,62 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, tokeni
         "latency_p50_ms": s_c.p50_ms, "latency_p95_ms": s_c.p95_ms, "latency_mean_ms": s_c.mean_ms,
         "throughput_seq_s": s_c.throughput_seq_s,
         "model_size_mb": cand.size_bytes / MB,
+        "speedup_vs_torch_fp32": s_fp.p50_ms / s_c.p50_ms,
         "speedup_vs_fp32": s_fp.p50_ms / s_c.p50_ms,
         "size_ratio_vs_fp32": cand.size_bytes / fp32.size_bytes,
         "fp32_latency_p50_ms": s_fp.p50_ms, "fp32_throughput_seq_s": s_fp.throughput_seq_s,
         "fp32_model_size_mb": fp32.size_bytes / MB,
         "profile_build_seconds": build_s, "profile_timing_seconds": timing_s,
     }
-    if memory.get("engine") is not None:
-        metrics["peak_memory_mb"] = memory["engine"]
-    if memory.get("fp32") is not None:
-        metrics["fp32_peak_memory_mb"] = memory["fp32"]
+    for name, prefix in (("engine", ""), ("fp32", "fp32_"), ("ort_fp32", "ort_fp32_"), ("peer", "peer_")):
+        if memory.get(name) is not None:
+            metrics[prefix + "peak_memory_mb"] = memory[name]
     if load_mem.get("engine") is not None:
         metrics["load_memory_mb"] = load_mem["engine"]
     if load_mem.get("fp32") is not None:
         metrics["fp32_load_memory_mb"] = load_mem["fp32"]
     if infer_mem.get("engine") is not None:
         metrics["inference_memory_mb"] = infer_mem["engine"]
+    if "ort_fp32" in stats:
+        s_o = stats["ort_fp32"]
+        metrics.update({"ort_fp32_latency_p50_ms": s_o.p50_ms, "speedup_vs_ort_fp32": s_o.p50_ms / s_c.p50_ms,
+                        "ort_fp32_speedup_vs_torch_fp32": s_fp.p50_ms / s_o.p50_ms})
     if "peer" in stats:
         s_p = stats["peer"]
         metrics.update({"peer_latency_p50_ms": s_p.p50_ms, "peer_speedup_vs_fp32": s_fp.p50_ms / s_p.p50_ms,
-                        "peer_model_size_mb": peer.size_bytes / MB, "speedup_vs_peer": s_p.p50_ms / s_c.p50_ms})
-        if memory.get("peer") is not None:
-            metrics["peer_peak_memory_mb"] = memory["peer"]
+                        "peer_model_size_mb": cands["peer"].size_bytes / MB,
+                        "speedup_vs_peer": s_p.p50_ms / s_c.p50_ms})
+    report = info.get("report")
+    if report is not None:
+        metrics.update({"engine_int8_matmuls": report.int_matmuls, "engine_float_matmuls": report.float_matmuls})
+        if report.code_agreement is not None:
+            metrics["engine_code_agreement"] = report.code_agreement
 
     if cfg_profile.get("eval_engine_accuracy", True) and cand.engine is not None:
         t0 = time.perf_counter()
         metrics["engine_accuracy"] = cand.engine.accuracy(val_items, int(cfg_profile.get("eval_batch_size", 64)), pad_id)
         metrics["engine_eval_seconds"] = time.perf_counter() - t0
 
-    tags = {"engine": info["engine"], "profile_memory_method": mem_method.get("engine", "unavailable"),
+    tags = {"engine": info["engine"], "fp32_attention": info["fp32_attention"],
+            "profile_memory_method": mem_method.get("engine", "unavailable"),
             "engine_build": str(info.get("build", ""))[:5000],
             "profile_timer": type(timer).__name__}
-    report = {"metrics": metrics, "tags": tags, "threads": threads, "batch_size": bs, "seq_len": seq,
-              "warmup": warmup, "iterations": iters, "block": int(cfg_profile.get("block", 10)),
-              "stats": {k: asdict(v) for k, v in stats.items()},
-              "site_tensors": info.get("site_tensors", {}),
-              "load_memory_mb": load_mem, "peak_memory_mb": memory, "inference_memory_mb": infer_mem,
-              "memory_method": mem_method,
-              "cpu_load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    if "precision" in info:
+        tags["engine_precision"] = info["precision"]
+    out_report = {"metrics": metrics, "tags": tags, "threads": threads, "batch_size": bs, "seq_len": seq,
+                  "warmup": warmup, "iterations": iters, "block": int(cfg_profile.get("block", 10)),
+                  "stats": {k: asdict(v) for k, v in stats.items()},
+                  "site_tensors": info.get("site_tensors", {}),
+                  "site_code_agreement": report.site_agreement if report is not None else {},
+                  "load_memory_mb": load_mem, "peak_memory_mb": memory, "inference_memory_mb": infer_mem,
+                  "memory_method": mem_method,
+                  "cpu_load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
     out = workdir / "profile.json"
-    out.write_text(json.dumps(report, indent=1, default=str))
-    log.info("profile %s: p50 %.1f ms (FP32 %.1f ms, x%.2f; peer x%s), %.1f MB (x%.3f FP32)",
-             info["engine"], s_c.p50_ms, s_fp.p50_ms, metrics["speedup_vs_fp32"],
-             f"{metrics['peer_speedup_vs_fp32']:.2f}" if "peer_speedup_vs_fp32" in metrics else "-",
+    out.write_text(json.dumps(out_report, indent=1, default=str))
+    log.info("profile %s: p50 %.1f ms (PyTorch FP32 %s %.1f ms, x%.2f; ORT FP32 x%s; peer x%s), %.1f MB (x%.3f FP32)",
+             info["engine"], s_c.p50_ms, info["fp32_attention"], s_fp.p50_ms, metrics["speedup_vs_torch_fp32"],
+             f"{metrics['speedup_vs_ort_fp32']:.2f}" if "speedup_vs_ort_fp32" in metrics else "-",
+             f"{metrics['speedup_vs_peer']:.2f}" if "speedup_vs_peer" in metrics else "-",
              metrics["model_size_mb"], metrics["size_ratio_vs_fp32"])
     artifacts = [out]
     if info.get("path"):
@@ -472,8 +514,10 @@ def _main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description="memory probe (internal)")
     ap.add_argument("--probe", nargs=5, metavar=("KIND", "PATH", "BATCH_NPZ", "THREADS", "REPEATS"), required=True)
-    kind, path, npz, threads, reps = ap.parse_args(argv).probe
-    print(json.dumps(_probe(kind, path, npz, int(threads), int(reps))))
+    ap.add_argument("--attention", default="sdpa", help="attention kernel of a Hugging Face model")
+    args = ap.parse_args(argv)
+    kind, path, npz, threads, reps = args.probe
+    print(json.dumps(_probe(kind, path, npz, int(threads), int(reps), args.attention)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python -m transquant.report <parent-run-id> [--out DIR] [--tracking-uri URI]
     python -m transquant.report paper loo bits --out reports/all   # several studies in one report
     python -m transquant.report peg --all                   # every sweep of the study (shared Optuna study)
+    python -m transquant.report paper --compare W8A8 mixed  # two methods, paired per seed (or two run ids)
 
 A study is found by the tag ``transquant.study`` of its parent run (set by
 :class:`transquant.search.StudyCallback`), or by ``+experiment=<name>`` / ``+search=<name>`` in the
@@ -14,7 +15,8 @@ report writes to ``--out`` (default ``reports/<study>``) and, unless ``--no-log`
 plus, on each parent, the seed statistics of its own jobs as metrics:
 
 ==========================  ===================================================================
-table1_accuracy             accuracy and drop vs FP32 per method: median, min–max, bootstrap CI
+table1_accuracy             accuracy and drop vs FP32 per method: median, min–max, McNemar significance
+table1_seeds                per method and seed: 95 % intervals of accuracy and drop, McNemar p
 table2_deployment           latency p50/p95, peak memory, model size, speedup (profiled runs)
 table3_depth                FP32 statistics per layer (metric history, step = layer)
 ablation_peg                PEG K x grouping (contiguous = no permutation, sorted, gap)
@@ -30,6 +32,10 @@ each as ``.csv`` and booktabs ``.tex``, figures ``accuracy_vs_k.png``, ``accurac
 ``accuracy_vs_bits.png``, ``pareto.png``, ``depth_stats.png``, and ``report.md``. Tables without
 data are not written. Files hold no timestamps and rows are in a canonical order, so the same
 study gives the same bytes.
+
+``--compare A B`` prints, per seed, A against B on the same validation examples from the runs'
+stored ``predictions.npz``: both accuracies with their intervals, the paired interval of A − B and
+the exact McNemar p-value (:mod:`transquant.significance`).
 """
 from __future__ import annotations
 
@@ -37,11 +43,13 @@ import argparse
 import math
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .significance import ALPHA, N_BOOT, PREDICTIONS, RULE, accuracy_ci, load_predictions, paired
 from .study import (GROUPING_ORDER, aggregate, best_mask, paired_deltas, parse_param, records_frame, run_record,
                     site_preset, site_sort_key, study_metrics)
 
@@ -220,21 +228,68 @@ def table_accuracy(df: pd.DataFrame) -> pd.DataFrame:
         consistent = len(drops) > 1 and (all(x > 0 for x in drops) or all(x < 0 for x in drops))
         f = aggregate(grp, "label", "fp32_accuracy") if "fp32_accuracy" in grp else pd.DataFrame()
         fp32 = f.iloc[0]["median"] if not f.empty else math.nan
+        p = _latest_per_seed(grp)["mcnemar_p"].dropna() if "mcnemar_p" in grp else pd.Series(dtype=float)
         rows.append({"method": a["label"], "seeds": int(a["n"]), "accuracy_median": a["median"],
                      "accuracy_min": a["min"], "accuracy_max": a["max"], "accuracy_ci_lo": a["ci_lo"],
                      "accuracy_ci_hi": a["ci_hi"], "accuracy_std": a["std"], "fp32_accuracy_median": fp32,
                      "drop_median": d["median"] if d is not None else math.nan,
                      "drop_min": d["min"] if d is not None else math.nan,
                      "drop_max": d["max"] if d is not None else math.nan,
-                     "drop_consistent_sign": consistent})
+                     "drop_consistent_sign": consistent, "mcnemar_p_max": p.max() if len(p) else math.nan,
+                     "significant_seeds": int((p < ALPHA).sum()), "tested_seeds": len(p),
+                     "significant": bool(len(p)) and bool((p < ALPHA).all())})
     return pd.DataFrame(rows)
+
+
+def _latest_per_seed(df: pd.DataFrame) -> pd.DataFrame:
+    """One run per (method, seed), the latest: intervals of a repeated job are not averaged."""
+    keyed = df.assign(_seed=df["seed"].map(str))  # rows are in (method, seed, start time) order
+    return keyed.drop_duplicates(["label", "_seed"], keep="last").drop(columns="_seed")
+
+
+def table_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """Table I per seed: each run's 95 % interval of accuracy and of the drop vs FP32, McNemar p."""
+    if df.empty or "accuracy_ci_low" not in df:
+        return pd.DataFrame()
+    t = _latest_per_seed(df[df["accuracy_ci_low"].notna()])
+    out = t[["label", "seed", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_drop", "drop_ci_low",
+             "drop_ci_high", "mcnemar_p", "run_id"]].rename(columns={"label": "method"})
+    out.insert(len(out.columns) - 1, "significant", out["mcnemar_p"] < ALPHA)
+    return out.reset_index(drop=True)
+
+
+def _p(x) -> str:
+    """A p-value cell: three decimals, ``<0.001`` below."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return "<0.001" if x < 0.001 else f"{x:.3f}"
+
+
+def _star(cell: str, significant: bool) -> str:
+    return f"{cell}*" if cell and significant else cell
+
+
+def _interval(x, lo, hi) -> str:
+    return "" if x is None or math.isnan(x) else f"{_fmt(x)} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
 def latex_accuracy(t: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "Method": t["method"], "Seeds": t["seeds"],
         "Accuracy (\\%)": [spread(r.accuracy_median, r.accuracy_min, r.accuracy_max, r.seeds) for r in t.itertuples()],
-        "$\\Delta$ vs FP32": [spread(r.drop_median, r.drop_min, r.drop_max, r.seeds) for r in t.itertuples()],
+        "$\\Delta$ vs FP32": [_star(spread(r.drop_median, r.drop_min, r.drop_max, r.seeds), r.significant)
+                              for r in t.itertuples()],
+        "McNemar $p$": t["mcnemar_p_max"].map(_p),
+    })
+
+
+def latex_seeds(t: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Method": t["method"], "Seed": t["seed"],
+        "Accuracy (\\%)": [_interval(r.accuracy, r.accuracy_ci_low, r.accuracy_ci_high) for r in t.itertuples()],
+        "$\\Delta$ vs FP32": [_star(_interval(r.accuracy_drop, r.drop_ci_low, r.drop_ci_high), r.significant)
+                              for r in t.itertuples()],
+        "McNemar $p$": t["mcnemar_p"].map(_p),
     })
 
 
@@ -371,7 +426,8 @@ def table_timing(df: pd.DataFrame) -> pd.DataFrame:
 
 
 RUN_COLUMNS = ["run_id", "status", "seed", "method", "label", "k", "grouping", "percentile", "weight_bits", "act_bits",
-               "act_exclude", "accuracy", "fp32_accuracy", "accuracy_drop", *PROFILE_METRICS, "high_precision_sites",
+               "act_exclude", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "fp32_accuracy", "accuracy_drop",
+               "drop_ci_low", "drop_ci_high", "mcnemar_p", *PROFILE_METRICS, "high_precision_sites",
                "calibration_seconds", "eval_seconds", "finetune_seconds", "finetune_cache", "reused", "best", "pareto"]
 
 
@@ -380,6 +436,7 @@ def build_tables(df: pd.DataFrame, depth: pd.DataFrame | None = None, objectives
     """Every table of the report from the run table (and the depth statistics)."""
     tables = {
         "table1_accuracy": table_accuracy(df),
+        "table1_seeds": table_seeds(df),
         "table2_deployment": table_deployment(df),
         "table3_depth": table_depth(depth if depth is not None else pd.DataFrame()),
         "ablation_peg": ablation_peg(df) if not df.empty else pd.DataFrame(),
@@ -396,7 +453,8 @@ def build_tables(df: pd.DataFrame, depth: pd.DataFrame | None = None, objectives
 # --- output -----------------------------------------------------------------------------------------
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-          "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+          "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+          ">": r"\textgreater{}"}
 
 
 def _latex_escape(s) -> str:
@@ -407,6 +465,8 @@ def latex_view(name: str, t: pd.DataFrame) -> pd.DataFrame:
     """Human table for LaTeX: spreads as ``median [min, max]``, ablations pivoted."""
     if name == "table1_accuracy":
         return latex_accuracy(t)
+    if name == "table1_seeds":
+        return latex_seeds(t)
     if name == "ablation_peg":
         t = t.assign(cell=[spread(r.accuracy_median, r.accuracy_min, r.accuracy_max, r.seeds) for r in t.itertuples()])
         p = t.pivot(index="k", columns="grouping", values="cell")
@@ -434,11 +494,12 @@ def latex_view(name: str, t: pd.DataFrame) -> pd.DataFrame:
 
 def to_latex(name: str, t: pd.DataFrame) -> str:
     v = latex_view(name, t).astype(str)
-    header_escaped = name in ("table1_accuracy", "ablation_percentile", "ablation_loo")  # LaTeX headers by hand
+    header_escaped = name in ("table1_accuracy", "table1_seeds", "ablation_percentile", "ablation_loo")  # by hand
     if not header_escaped:
         v = v.rename(columns=lambda c: c if "\\" in c else _latex_escape(c))
     v = v.map(_latex_escape)
-    return v.to_latex(index=False, escape=False, column_format="l" + "r" * (v.shape[1] - 1))
+    caption = _latex_escape(CAPTIONS[name]) if name in CAPTIONS else None
+    return v.to_latex(index=False, escape=False, column_format="l" + "r" * (v.shape[1] - 1), caption=caption)
 
 
 def to_markdown(t: pd.DataFrame) -> str:
@@ -451,7 +512,7 @@ def to_markdown(t: pd.DataFrame) -> str:
 def _md(x) -> str:
     if isinstance(x, float):
         return "" if math.isnan(x) else f"{x:.2f}"
-    return str(x).replace("|", "\\|")
+    return str(x).replace("|", "\\|").replace("*", "\\*")
 
 
 def write_tables(tables: dict[str, pd.DataFrame], out: Path) -> list[Path]:
@@ -556,11 +617,21 @@ def write_figures(tables: dict[str, pd.DataFrame], out: Path, objectives: list[s
 
 
 TITLES = {"table1_accuracy": "Table I — accuracy and drop vs FP32 (median [min, max] over seeds)",
+          "table1_seeds": "Table I per seed — 95 % intervals over the validation examples",
           "table2_deployment": "Table II — deployment profile (median over seeds)",
           "table3_depth": "Table III — FP32 activation statistics by depth (FFN residual sum)",
           "ablation_peg": "PEG: K x grouping", "ablation_percentile": "Percentile p",
           "ablation_loo": "Leave-one-out (W8A8 with one site kind left float)",
           "ablation_bits": "Activation bit width", "search_trials": "Search trials", "timing": "Wall-time split"}
+
+
+# The significance rule, stated where the marks are (LaTeX caption, report.md).
+CAPTIONS = {
+    "table1_accuracy": f"Brackets: [min, max] over seeds. * = the drop vs FP32 is significant on every seed, "
+                       f"by the rule {RULE}; McNemar p: the largest over seeds. Per-seed intervals: table1_seeds.",
+    "table1_seeds": f"Brackets: 95 % percentile-bootstrap intervals ({N_BOOT:,} resamples of the validation examples); "
+                    f"the drop is paired with FP32 on the same examples. * = significant, by the rule {RULE}.",
+}
 
 
 def write_markdown(tables, parents, studies, out: Path, df: pd.DataFrame) -> Path:
@@ -574,12 +645,94 @@ def write_markdown(tables, parents, studies, out: Path, df: pd.DataFrame) -> Pat
     lines.append("")
     for name, title in TITLES.items():
         if name in tables:
-            view = latex_view(name, tables[name]) if name in ("table1_accuracy", "ablation_peg", "ablation_bits") else tables[name]
-            view = view.rename(columns=lambda c: c.replace("\\%", "%").replace("$\\Delta$", "Δ"))
-            lines += [f"## {title}", "", to_markdown(view), ""]
+            latex_like = ("table1_accuracy", "table1_seeds", "ablation_peg", "ablation_bits")
+            view = latex_view(name, tables[name]) if name in latex_like else tables[name]
+            view = view.rename(columns=lambda c: c.replace("\\%", "%").replace("$\\Delta$", "Δ").replace("$p$", "p"))
+            caption = [CAPTIONS[name], ""] if name in CAPTIONS else []
+            lines += [f"## {title}", "", *caption, to_markdown(view), ""]
     f = out / "report.md"
     f.write_text("\n".join(lines))
     return f
+
+
+def resolve_all(client, studies: list[str], experiment: str | None, all_runs: bool) -> list:
+    """The parent runs of several studies, each once."""
+    parents = []
+    for s in studies:
+        parents += [p for p in resolve_parents(client, s, experiment, all_runs)
+                    if p.info.run_id not in {q.info.run_id for q in parents}]
+    return parents
+
+
+# --- two methods or runs, paired on the same examples -------------------------------------------------
+
+def _side(client, spec: str, df: pd.DataFrame | None) -> dict[str, str]:
+    """{seed: run id} of one side of a comparison: a run id, or a method label (latest finished run per seed)."""
+    if RUN_ID.fullmatch(spec):
+        try:
+            run = client.get_run(spec)
+        except Exception as err:  # noqa: BLE001 - MLflow raises a generic exception for unknown ids
+            raise ReportError(f"run {spec}: not found in this tracking store ({err})") from err
+        return {str(parse_param(run.data.params.get("train.seed"))): spec}
+    if df is None or df.empty:
+        raise ReportError(f"--compare {spec!r}: a method label needs a study with runs "
+                          "(python -m transquant.report <study> --compare A B)")
+    rows = df[(df["label"] == spec) & (df["status"] == "FINISHED")]
+    if rows.empty:
+        raise ReportError(f"--compare {spec!r}: no finished run of this method; "
+                          f"methods: {', '.join(dict.fromkeys(df['label']))}")
+    return dict(zip(rows["seed"].map(str), rows["run_id"]))  # rows in (seed, start time) order: the latest wins
+
+
+def _stored_predictions(client, run_id: str, tmp: str) -> tuple[np.ndarray, np.ndarray]:
+    dst = Path(tmp) / run_id
+    dst.mkdir(exist_ok=True)
+    try:
+        return load_predictions(client.download_artifacts(run_id, PREDICTIONS, str(dst)))
+    except Exception as err:  # noqa: BLE001 - missing artifact: MLflow's error type depends on the store
+        raise ReportError(f"run {run_id}: no {PREDICTIONS} artifact; re-run its job with resume=false") from err
+
+
+def compare(client, a: str, b: str, df: pd.DataFrame | None = None) -> pd.DataFrame:
+    """A against B per seed from the stored predictions (both run ids: those two runs)."""
+    side_a, side_b = _side(client, a, df), _side(client, b, df)
+    if RUN_ID.fullmatch(a) and RUN_ID.fullmatch(b):
+        pairs = [(" / ".join(dict.fromkeys([*side_a, *side_b])), side_a.popitem()[1], side_b.popitem()[1])]
+    else:
+        pairs = [(s, side_a[s], side_b[s]) for s in sorted(set(side_a) & set(side_b), key=lambda s: (len(s), s))]
+        if not pairs:
+            raise ReportError(f"--compare: no seed has both {a!r} (seeds {', '.join(side_a)}) "
+                              f"and {b!r} (seeds {', '.join(side_b)})")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="transquant-compare-") as tmp:
+        for seed, run_a, run_b in pairs:
+            pred_a, label_a = _stored_predictions(client, run_a, tmp)
+            pred_b, label_b = _stored_predictions(client, run_b, tmp)
+            if not np.array_equal(label_a, label_b):
+                raise ReportError(f"runs {run_a} and {run_b}: evaluated on different validation examples; "
+                                  "cannot pair them")
+            ok_a, ok_b = pred_a == label_a, pred_b == label_b
+            d = paired(ok_a, ok_b)
+            (lo_a, hi_a), (lo_b, hi_b) = accuracy_ci(ok_a), accuracy_ci(ok_b)
+            rows.append({"seed": seed, "examples": d.n, "accuracy_a": d.accuracy_a, "accuracy_a_ci_low": lo_a,
+                         "accuracy_a_ci_high": hi_a, "accuracy_b": d.accuracy_b, "accuracy_b_ci_low": lo_b,
+                         "accuracy_b_ci_high": hi_b, "difference": d.difference, "difference_ci_low": d.ci_low,
+                         "difference_ci_high": d.ci_high, "only_a": d.only_a, "only_b": d.only_b,
+                         "mcnemar_p": d.p, "significant": d.significant, "run_a": run_a, "run_b": run_b})
+    return pd.DataFrame(rows)
+
+
+def compare_markdown(t: pd.DataFrame, a: str, b: str) -> str:
+    view = pd.DataFrame({
+        "seed": t["seed"], "examples": t["examples"],
+        f"{a} (%)": [_interval(*r) for r in zip(t["accuracy_a"], t["accuracy_a_ci_low"], t["accuracy_a_ci_high"])],
+        f"{b} (%)": [_interval(*r) for r in zip(t["accuracy_b"], t["accuracy_b_ci_low"], t["accuracy_b_ci_high"])],
+        "A − B (points)": [_star(_interval(*r[:3]), r[3]) for r in
+                           zip(t["difference"], t["difference_ci_low"], t["difference_ci_high"], t["significant"])],
+        f"only {a} right": t["only_a"], f"only {b} right": t["only_b"], "McNemar p": t["mcnemar_p"].map(_p),
+    })
+    return (f"A = {a}, B = {b}, paired on the same validation examples. Brackets: 95 % percentile-bootstrap "
+            f"intervals ({N_BOOT:,} resamples). * = significant, by the rule {RULE}.\n\n{to_markdown(view)}")
 
 
 def report(studies: list[str], tracking_uri: str = DEFAULT_URI, out: str | Path | None = None,
@@ -588,10 +741,7 @@ def report(studies: list[str], tracking_uri: str = DEFAULT_URI, out: str | Path 
     from .tracking import client_for
 
     client = client_for(tracking_uri)
-    parents = []
-    for s in studies:
-        parents += [p for p in resolve_parents(client, s, experiment, all_runs)
-                    if p.info.run_id not in {q.info.run_id for q in parents}]
+    parents = resolve_all(client, studies, experiment, all_runs)
     parent_ids = [p.info.run_id for p in parents]
     df = children_frame(client, parent_ids)
     if df.empty:
@@ -651,14 +801,28 @@ def _clear_artifacts(client, run_id: str, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m transquant.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("study", nargs="+", help="study name (transquant.study tag, e.g. paper, loo, bits, peg) or parent run id")
+    ap.add_argument("study", nargs="*",
+                    help="study name (transquant.study tag, e.g. paper, loo, bits, peg) or parent run id")
     ap.add_argument("--tracking-uri", default=DEFAULT_URI, help=f"MLflow tracking URI (default {DEFAULT_URI})")
     ap.add_argument("--experiment", default=None, help="MLflow experiment name to search (default: all)")
     ap.add_argument("--out", default=None, help="output directory (default reports/<study>)")
     ap.add_argument("--all", action="store_true", help="merge every sweep of the study, not only the latest")
     ap.add_argument("--no-log", action="store_true", help="write files only; no artifacts, metrics or tags in MLflow")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                    help="print A against B, paired per seed on the same examples, instead of the report: two method "
+                         "labels of the study (as in its tables, e.g. 'W8A8' 'mixed') or two run ids")
     args = ap.parse_args(argv)
+    if not args.study and not args.compare:
+        ap.error("give a study name or parent run id (or --compare RUN_ID RUN_ID)")
     try:
+        if args.compare:
+            from .tracking import client_for
+
+            client = client_for(args.tracking_uri)
+            parents = resolve_all(client, args.study, args.experiment, args.all)
+            df = children_frame(client, [p.info.run_id for p in parents]) if parents else None
+            print(compare_markdown(compare(client, *args.compare, df), *args.compare))
+            return 0
         out = report(args.study, args.tracking_uri, args.out, args.experiment, args.all, not args.no_log)
     except ReportError as err:
         print(f"transquant.report: error: {err}", file=sys.stderr)

@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import cache
+from . import cache, provenance
 from .quant.quantizers import fake_quantize
 from .quant.ptq import TokenMask, token_values
 from .quant.sites import RESIDUAL_KINDS, Site, find_sites, tap, use_tappable_attention
@@ -666,14 +666,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+# The modules whose code decides the FP32 statistics (token masks, site taps, batching, loading).
+STATS_MODULES = ("transquant.statistics", "transquant.quant.ptq", "transquant.quant.sites", "transquant.tasks",
+                 "transquant.models")
+
+
 def stats_cache_path(cache_dir: str | Path, checkpoint: str | dict, fingerprint: str, num_examples: int | None,
                      seed: int = 0, top_k: int = 3, reservoir: int = 200_000, max_length: int | None = None,
                      special_ids: Iterable[int] | None = None) -> Path:
     """Where the statistics of one FP32 checkpoint (its path, or any JSON-able identity) on one
-    validation sample (split fingerprint, sample size and seed, max_length) are cached."""
+    validation sample (split fingerprint, sample size and seed, max_length) are cached, by the
+    code and libraries that compute them."""
     key = cache.key_of({"checkpoint": checkpoint, "validation": fingerprint, "num_examples": num_examples,
                         "seed": seed, "top_k": top_k, "reservoir": reservoir, "max_length": max_length,
-                        "special_ids": sorted(special_ids or []), "version": STATS_VERSION})
+                        "special_ids": sorted(special_ids or []), "version": STATS_VERSION,
+                        "code": provenance.fingerprint(STATS_MODULES)})
     return Path(cache_dir) / "stats" / f"{key}.json"
 
 

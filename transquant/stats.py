@@ -123,7 +123,7 @@ def run_stats(cfg: DictConfig):
     which = "fine-tuned" if s.finetune else "pretrained"
     tags = {"transquant.role": "stats", "model": cfg.model.name, "task": cfg.task.name, "stats_model": which}
     # Its own job key: a stats run must never be taken for a finished pipeline job (resume).
-    key = key_of({"role": "stats", "job": job_key(cfg), "stats": OmegaConf.to_container(s)})
+    key = key_of({"role": "stats", "job": job_key(cfg, task), "stats": OmegaConf.to_container(s)})
     with JobRun(cfg, f"stats: {cfg.model.name} ({which}) on {cfg.task.name}", tags, key=key) as run:
         if s.finetune:
             ckpt, was_cached = finetune.finetuned(cfg.model, task, cfg.train, tokenizer, Path(cfg.paths.cache_dir),

@@ -6,7 +6,9 @@ without MLflow.
 
 * :func:`method_label` names a run's method from its ``quant.*`` params alone: the knobs of
   ``conf/quant/<method>.yaml`` are the defaults, and every knob that differs is spelled out
-  (``PEG K=4 sorted``, ``percentile p=99.9``, ``W8A8 excl *.ffn.residual``, ``mixed W8A6``).
+  (``PEG K=4 sorted``, ``percentile p=99.9``, ``W8A8 excl *.ffn.residual``, ``mixed W8A6``); the
+  2021 authors' exact presets (``conf/quant/*_paper.yaml``) say so: ``W8A8 (paper)``,
+  ``mixed W8A{8,16} (paper)``, ``PEG K=6 sorted (paper)``.
 * :func:`seed_summary` is the per-method statistic over seeds: median, min–max, mean, sample
   standard deviation and a percentile-bootstrap 95 % interval of the median (fixed RNG seed, so
   the report is reproducible). The bootstrap interval is never wider than min–max and equals it
@@ -35,8 +37,10 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FAMILY_ORDER = ("fp32", "w8a32", "w32a8", "w8a8", "mixed", "peg", "percentile")
 GROUPING_ORDER = ("contiguous", "sorted", "gap")
 NAIVE = ("fp32", "w8a8", "w8a32", "w32a8")  # families named by their bit widths alone
-QUANT_KEYS = ("method", "weight_bits", "act_bits", "estimator", "percentile", "act_sites", "act_exclude",
-              "high_bits", "high_bits_sites", "k", "permute", "grouping", "peg_sites")
+QUANT_KEYS = ("method", "weight_bits", "weight_estimator", "act_bits", "estimator", "percentile", "act_sites",
+              "act_exclude", "high_bits", "high_bits_sites", "k", "permute", "grouping", "peg_sites", "share_groups")
+PAPER_SUFFIX = "_paper"  # conf/quant/<family>_paper.yaml: the 2021 authors' exact preset of a family
+FAMILY_NAMES = {"peg": "PEG", "mixed": "mixed", "percentile": "percentile", "mixed_paper": "mixed W8A{8,16}"}
 # Site kinds in forward order, for ordering leave-one-out rows.
 SITE_ORDER = ("embeddings.sum", "embeddings.norm", "attn.query", "attn.key", "attn.value", "attn.scores",
               "attn.probs", "attn.context", "attn.output", "attn.residual", "attn.norm", "ffn.intermediate",
@@ -102,32 +106,42 @@ def _patterns(v) -> str:
     return ",".join(v) if isinstance(v, (list, tuple)) else str(v)
 
 
+def family_of(method: str) -> str:
+    """The method family: ``peg_paper`` (the exact preset) belongs to ``peg``."""
+    return method.removesuffix(PAPER_SUFFIX)
+
+
 def method_label(q: dict, with_bits: bool = True, with_exclude: bool = True) -> str:
     """Human-readable, unique name of a quantization configuration (see module docstring).
 
     ``with_bits=False`` leaves out the weight/activation widths of non-naive methods (the bit-width
     ablation's family); ``with_exclude=False`` leaves out ``act_exclude`` (leave-one-out's base)."""
     method = q.get("method", "?")
+    family = family_of(method)
     d = method_defaults(method)
     get = lambda key: q.get(key, d.get(key))  # noqa: E731
     wb, ab = get("weight_bits"), get("act_bits")
     parts: list[str] = []
-    if method in NAIVE:
+    if family in NAIVE:
         if wb is None and ab is None:
             parts.append("FP32")
         else:
             parts.append(_bits(wb, ab) if with_bits else f"W{wb or 32}A*")
     else:
-        parts.append({"peg": "PEG", "mixed": "mixed", "percentile": "percentile"}.get(method, method))
-        if method == "peg":
+        parts.append(FAMILY_NAMES.get(method, FAMILY_NAMES.get(family, family)))
+        if family == "peg":
             parts.append(f"K={get('k')} {effective_grouping({**d, **q})}")
-        if with_bits and (wb, ab) != (d.get("weight_bits"), d.get("act_bits")):
-            parts.append(_bits(wb, ab))
+    if method != family:
+        parts.append("(paper)")
+    if family not in NAIVE and with_bits and (wb, ab) != (d.get("weight_bits"), d.get("act_bits")):
+        parts.append(_bits(wb, ab))
+    if get("weight_estimator") != d.get("weight_estimator"):
+        parts.append(f"w={get('weight_estimator')}")
     if get("estimator") == "percentile":
         parts.append(f"p={_num(get('percentile'))}")
     elif get("estimator") != d.get("estimator"):
         parts.append(f"est={get('estimator')}")
-    if method != "peg" and get("k") not in (None, d.get("k")) and get("peg_sites"):
+    if family != "peg" and get("k") not in (None, d.get("k")) and get("peg_sites"):
         parts.append(f"K={get('k')} {effective_grouping({**d, **q})}")
     if list(get("peg_sites") or []) != list(d.get("peg_sites") or []):
         parts.append(f"PEG@[{_patterns(get('peg_sites'))}]")
@@ -135,6 +149,8 @@ def method_label(q: dict, with_bits: bool = True, with_exclude: bool = True) -> 
         parts.append(f"{get('high_bits')}-bit@[{_patterns(get('high_bits_sites'))}]")
     elif get("high_bits_sites") and get("high_bits") != d.get("high_bits"):
         parts.append(f"high={get('high_bits')}")
+    if get("share_groups") != d.get("share_groups"):
+        parts.append(f"share={get('share_groups')}")
     if list(get("act_sites") or []) != list(d.get("act_sites") or []):
         parts.append(f"sites=[{_patterns(get('act_sites'))}]")
     if with_exclude and get("act_exclude"):
@@ -155,13 +171,15 @@ def slug(label: str) -> str:
 
 
 def method_sort_key(q: dict) -> tuple:
-    """Canonical table order: family, then K and grouping, percentile, bits, excluded site."""
+    """Canonical table order: family (its exact paper preset first), then K and grouping,
+    percentile, bits, excluded site."""
     method = q.get("method", "")
-    fam = FAMILY_ORDER.index(method) if method in FAMILY_ORDER else len(FAMILY_ORDER)
+    family = family_of(method)
+    fam = FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
     excl = q.get("act_exclude") or []
     excl_key = (len(excl) > 0, *[site_sort_key(p) for p in excl])
-    grouping = effective_grouping(q) if method == "peg" else ""
-    return (fam, method, int(q.get("k") or 0) if method == "peg" else 0,
+    grouping = effective_grouping(q) if family == "peg" else ""
+    return (fam, family, method == family, int(q.get("k") or 0) if family == "peg" else 0,
             GROUPING_ORDER.index(grouping) if grouping in GROUPING_ORDER else 9,
             float(q.get("percentile") or 0) if q.get("estimator") == "percentile" else 0.0,
             -(q.get("act_bits") or 99), excl_key, method_label(q))
@@ -210,8 +228,8 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
         "label": method_label(q),
         "family": method_label(q, with_bits=False),
         "base": method_label(q, with_exclude=False),
-        "k": q.get("k") if q.get("method") == "peg" or q.get("peg_sites") else None,
-        "grouping": effective_grouping(q) if q.get("method") == "peg" or q.get("peg_sites") else None,
+        "k": q.get("k") if family_of(q.get("method", "")) == "peg" or q.get("peg_sites") else None,
+        "grouping": effective_grouping(q) if family_of(q.get("method", "")) == "peg" or q.get("peg_sites") else None,
         "percentile": q.get("percentile") if q.get("estimator") == "percentile" else None,
         "weight_bits": q.get("weight_bits"),
         "act_bits": q.get("act_bits"),

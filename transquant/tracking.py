@@ -22,10 +22,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from . import provenance
 from .cache import key_of
 from .errors import TransquantError
 
 PARENT_ENV = "TRANSQUANT_PARENT_RUN_ID"
+HOST_TAG, PID_TAG = "transquant.host", "transquant.pid"
 URI_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks")
 
 
@@ -49,20 +51,77 @@ def check_uri(uri: str) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
 
 
+def check_artifacts(tracking: DictConfig) -> None:
+    """A tracking server keeps artifacts where it was told to; the client cannot choose."""
+    if tracking.artifacts is not None and urlparse(tracking.uri).scheme in ("http", "https"):
+        raise TransquantError(f"tracking.artifacts={tracking.artifacts}: must be null with a tracking server "
+                              f"({tracking.uri}); the server decides (mlflow server --artifacts-destination)")
+
+
+def artifact_location(tracking: DictConfig) -> str | None:
+    """Where a new experiment keeps its artifacts: ``tracking.artifacts``, else ``artifacts/``
+    beside a sqlite database (MLflow's default is ``./mlruns`` of whatever directory the run
+    started in). None: the store decides (a file store keeps them inside, a server where told)."""
+    if tracking.artifacts is not None:
+        return Path(tracking.artifacts).resolve().as_uri()
+    if urlparse(tracking.uri).scheme.split("+")[0] == "sqlite":
+        return (Path(tracking.uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+    return None
+
+
 def client_for(uri: str) -> MlflowClient:
     check_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """Get or create, tolerating a concurrent creator."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
+def experiment_id(client: MlflowClient, tracking: DictConfig) -> str:
+    """Get or create ``tracking.experiment`` (artifacts at :func:`artifact_location`), tolerating
+    a concurrent creator. An existing experiment keeps its location: asking for another one is
+    an error, not a silent split of its artifacts."""
+    exp = client.get_experiment_by_name(tracking.experiment)
+    if exp is None:
+        try:
+            return client.create_experiment(tracking.experiment, artifact_location=artifact_location(tracking))
+        except MlflowException:
+            exp = client.get_experiment_by_name(tracking.experiment)
+    if tracking.artifacts is not None and exp.artifact_location != artifact_location(tracking):
+        raise TransquantError(f"tracking.artifacts={tracking.artifacts}: experiment '{tracking.experiment}' already "
+                              f"keeps its artifacts at {exp.artifact_location}; use that or another tracking.experiment")
+    return exp.experiment_id
+
+
+def _host() -> str:
+    """This machine and PID namespace: containers may share a host name, not their PIDs."""
     try:
-        return client.create_experiment(name)
-    except MlflowException:
-        return client.get_experiment_by_name(name).experiment_id
+        return f"{socket.gethostname()} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return socket.gethostname()
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run, so a later process can tell that it died."""
+    return {HOST_TAG: _host(), PID_TAG: str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        pass
+    return True
+
+
+def close_orphans(client: MlflowClient, exp: str) -> None:
+    """Close KILLED the RUNNING runs (sweep parents and jobs) whose owner process on this host
+    is gone: a SIGKILL runs no exit handler, and nothing else would ever close them."""
+    runs = client.search_runs([exp], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{_host()}'")
+    for r in runs:
+        pid = int(r.data.tags.get(PID_TAG, "0"))
+        if pid and not _alive(pid):
+            client.set_tag(r.info.run_id, "transquant.stale", f"owner process {pid} died; closed by {os.getpid()}")
+            client.set_terminated(r.info.run_id, "KILLED")
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -83,12 +142,23 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 JOB_KEY_TAG = "transquant.job_key"
 
 
-def job_key(cfg: DictConfig) -> str:
-    """Identity of a job: its resolved config minus where things are stored and how it is run."""
+def job_key(cfg: DictConfig, task=None) -> str:
+    """Identity of a job: whatever decides its numbers, so a finished run is reused only if a
+    re-run would give the same ones — the config (minus where things are stored, how the sweep
+    runs and the knobs of disabled stages), the transquant source, the library versions, the task
+    data and the starting weights. ``task``: the loaded task, if the caller has it."""
+    from .models import identity
+    from .tasks import load_task
+
     body = OmegaConf.to_container(cfg, resolve=True)
-    for k in ("hydra", "tracking", "paths", "resume", "on_error"):
+    for k in ("hydra", "tracking", "paths", "resume", "on_error", "objectives"):
         body.pop(k, None)
-    return key_of(body)
+    for stage in ("profile", "stats"):
+        if stage in body and not body[stage]["enabled"]:
+            body[stage] = {"enabled": False}
+    task = task if task is not None else load_task(cfg.task)
+    return key_of({"config": body, "code": provenance.fingerprint(), "model": identity(cfg.model),
+                   "data": {split: task.fingerprint(split) for split in ("train", "validation")}})
 
 
 def previous_runs(cfg: DictConfig, key: str) -> tuple[object | None, list]:
@@ -97,7 +167,7 @@ def previous_runs(cfg: DictConfig, key: str) -> tuple[object | None, list]:
     Call it only while holding the job's lock: a RUNNING run seen then belongs to a process
     that died, and :class:`JobRun` closes it as KILLED so a job never has two live runs."""
     client = client_for(cfg.tracking.uri)
-    exp = experiment_id(client, cfg.tracking.experiment)
+    exp = experiment_id(client, cfg.tracking)
     runs = client.search_runs([exp], filter_string=f"tags.`{JOB_KEY_TAG}` = '{key}'",
                               order_by=["attributes.start_time DESC"])
     finished = next((r for r in runs if r.info.status == "FINISHED"), None)
@@ -116,9 +186,13 @@ class JobRun:
 
     def __init__(self, cfg: DictConfig, run_name: str, tags: dict[str, str], key: str, stale: list = ()):
         self.client = client_for(cfg.tracking.uri)
-        exp = experiment_id(self.client, cfg.tracking.experiment)
+        exp = experiment_id(self.client, cfg.tracking)
+        close_orphans(self.client, exp)
         parent = os.environ.get(PARENT_ENV)
-        all_tags = {"mlflow.runName": run_name, JOB_KEY_TAG: key, **tags}
+        code = provenance.fingerprint()
+        all_tags = {"mlflow.runName": run_name, JOB_KEY_TAG: key, **owner_tags(),
+                    "transquant.source_hash": code["source"],
+                    **{f"transquant.version.{lib}": v for lib, v in code["libraries"].items()}, **tags}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         for old in stale:
@@ -170,7 +244,8 @@ class MultirunParent(Callback):
     """Hydra callback: a parent MLflow run around a multirun, with a summary table of its children.
 
     Hydra skips ``on_multirun_end`` when the sweeper raises, so an ``atexit`` hook closes the
-    parent as FAILED in that case instead of leaving it RUNNING forever.
+    parent as FAILED in that case; after a SIGKILL, which runs no hook, the next run started in
+    the experiment closes it (:func:`close_orphans`).
     """
 
     def __init__(self) -> None:
@@ -179,10 +254,11 @@ class MultirunParent(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.client = client_for(config.tracking.uri)
-        exp = experiment_id(self.client, config.tracking.experiment)
+        exp = experiment_id(self.client, config.tracking)
+        close_orphans(self.client, exp)
         overrides = list(config.hydra.overrides.task)
         run = self.client.create_run(exp, tags={"mlflow.runName": "sweep: " + " ".join(overrides),
-                                                "transquant.role": "sweep"})
+                                                "transquant.role": "sweep", **owner_tags()})
         self.run_id = run.info.run_id
         self.client.log_param(self.run_id, "sweep_overrides", " ".join(overrides)[:6000])
         os.environ[PARENT_ENV] = self.run_id

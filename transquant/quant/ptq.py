@@ -13,11 +13,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import TransquantError
 from .quantizers import Grid, asymmetric_grid, fake_quantize, symmetric_grid
-from .ranges import GroupMinMax, MinMax, Percentile, RangeEstimator
+from .ranges import GroupMinMax, MinMax, Percentile, RangeEstimator, make_groups, mse_absmax
 from .sites import Site, select, tap, use_tappable_attention
 
 ESTIMATORS = ("minmax", "percentile")
+WEIGHT_ESTIMATORS = ("minmax", "mse")
+# PEG groups: each site its own, or one grouping per layer chosen from that layer's FFN output
+# ranges (the authors' --per-groups-permute-shared-h: the shared ranges are those of the
+# quantizer whose module name contains 'dense', i.e. the FFN output 'h').
+SHARE_GROUPS = ("none", "layer")
+SHARED_GROUP_SOURCE = "ffn.output"
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,7 @@ class SitePlan:
     percentile: float | None = None
     k: int = 1
     grouping: str = "sorted"
+    group_source: str | None = None  # PEG: the site whose ranges choose the groups (None: its own)
 
     def make_estimator(self) -> RangeEstimator:
         if self.estimator == "peg":
@@ -47,7 +55,9 @@ def plan_sites(sites: list[Site], q) -> dict[str, SitePlan]:
     """Which sites are quantized and how, from a ``quant`` config. Unlisted sites stay float.
 
     Order of precedence: ``act_exclude`` > ``high_bits_sites`` (mixed precision) >
-    ``peg_sites`` (per-embedding-group ranges) > the method's default estimator.
+    ``peg_sites`` (per-embedding-group ranges) > the method's default estimator. With
+    ``share_groups=layer`` every PEG site of layer i takes its groups from ``layer.i.ffn.output``,
+    which must then be a PEG site of the same width; sites outside the layers keep their own.
     """
     if q.act_bits is None:
         return {}
@@ -60,33 +70,67 @@ def plan_sites(sites: list[Site], q) -> dict[str, SitePlan]:
             continue
         bits = q.high_bits if site.name in high else q.act_bits
         if site.name in peg and site.name not in high:
-            plans[site.name] = SitePlan(bits, "peg", k=q.k, grouping=peg_grouping(q))
+            source = (f"layer.{site.layer}.{SHARED_GROUP_SOURCE}"
+                      if q.share_groups == "layer" and site.layer is not None else None)
+            plans[site.name] = SitePlan(bits, "peg", k=q.k, grouping=peg_grouping(q), group_source=source)
         else:
             plans[site.name] = SitePlan(bits, q.estimator, percentile=q.percentile)
+    _check_group_sources(sites, plans)
     return plans
 
 
-def quantize_weights_(model: nn.Module, bits: int | None) -> int:
+def _check_group_sources(sites: list[Site], plans: dict[str, SitePlan]) -> None:
+    width = {s.name: s.channels for s in sites}
+    for name, plan in plans.items():
+        src = plan.group_source
+        if src is None:
+            continue
+        if src not in plans or plans[src].estimator != "peg":
+            raise TransquantError(
+                f"quant.share_groups=layer: {name} takes its PEG groups from {src}, which is not a PEG site "
+                f"(it is {'float' if src not in plans else f'{plans[src].bits}-bit ' + plans[src].estimator}); "
+                "add it to quant.peg_sites or use quant.share_groups=none")
+        if width[src] != width[name]:
+            raise TransquantError(f"quant.share_groups=layer: {name} (width {width[name]}) cannot share the "
+                                  f"groups of {src} (width {width[src]}); use quant.share_groups=none")
+
+
+def quantize_weights_(model: nn.Module, bits: int | None, estimator: str = "minmax") -> dict[str, Grid]:
     """Symmetric per-tensor fake quantization of every Linear and Embedding weight, in place.
 
-    Biases stay float (they become int32 accumulators on integer hardware). Returns the number
-    of tensors quantized.
+    The range is max |w| (``minmax``) or the authors' MSE-optimal range (``mse``,
+    :func:`~transquant.quant.ranges.mse_absmax`). Biases stay float (they become int32
+    accumulators on integer hardware). Returns qualified module name -> the grid its weight was
+    put on (empty for float weights), so an integer engine can reuse exactly those grids.
     """
+    if estimator not in WEIGHT_ESTIMATORS:
+        raise ValueError(f"weight estimator {estimator!r}: allowed {', '.join(WEIGHT_ESTIMATORS)}")
+    grids: dict[str, Grid] = {}
     if bits is None:
-        return 0
-    n = 0
+        return grids
     with torch.no_grad():
-        for mod in model.modules():
+        for name, mod in model.named_modules():
             if isinstance(mod, (nn.Linear, nn.Embedding)):
                 w = mod.weight
-                w.copy_(fake_quantize(w, symmetric_grid(w.abs().max(), bits)))
-                n += 1
-    return n
+                grids[name] = symmetric_grid(w.abs().max() if estimator == "minmax" else mse_absmax(w, bits), bits)
+                w.copy_(fake_quantize(w, grids[name]))
+    return grids
 
 
 def token_values(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Values of non-pad tokens: ``x[mask]`` for [batch, tokens, …] tensors, else x itself."""
-    if mask is not None and x.dim() >= 3 and x.shape[:2] == mask.shape:
+    """Values at real tokens only.
+
+    [batch, tokens, channels] tensors give ``x[mask]``; attention scores and probabilities
+    ([batch, heads, queries, keys]) give the entries whose query *and* key are real tokens (a
+    pad key has probability ~0 and a pad query attends anyway: neither may set a range); other
+    tensors (pooler, logits: one row per sequence) are returned whole.
+    """
+    if mask is None:
+        return x
+    batch, tokens = mask.shape
+    if x.dim() == 4 and x.shape[0] == batch and tuple(x.shape[2:]) == (tokens, tokens):
+        return x[(mask[:, None, :, None] & mask[:, None, None, :]).expand_as(x)]
+    if x.dim() == 3 and tuple(x.shape[:2]) == (batch, tokens):
         return x[mask]
     return x
 
@@ -142,6 +186,10 @@ def calibrate(model: nn.Module, sites: list[Site], plans: dict[str, SitePlan],
             for est in estimators.values():
                 if i + 1 < est.passes:
                     est.next_pass()
+    for name, plan in plans.items():  # shared PEG groups, chosen from the source site's ranges
+        if plan.group_source is not None:
+            estimators[name].groups = make_groups(*estimators[plan.group_source].channel_ranges(),
+                                                  plan.k, plan.grouping)
     grids = {}
     for name, est in estimators.items():
         lo, hi = est.range()

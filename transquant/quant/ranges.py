@@ -10,12 +10,18 @@ Correctness notes against the seed reproduction (see README "What the anchors go
   so negatives survive and p = 100 is exactly min-max. The seed code used [p-th percentile, max]
   and then clamped the minimum to 0.
 - ``GroupMinMax`` always keeps per-channel ranges, so the PEG permutation can never be skipped.
+
+``mse_absmax`` is the other kind: a symmetric *weight* range chosen by minimising the weight
+tensor's quantization error (the 2021 authors' estimator for weights).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from scipy.optimize import minimize_scalar
+
+from .quantizers import symmetric_grid
 
 
 class RangeEstimator:
@@ -108,8 +114,10 @@ def _interpolate(tail: torch.Tensor, rank: float) -> torch.Tensor:
 class GroupMinMax(RangeEstimator):
     """Per-embedding-group (PEG) ranges: per-channel min/max, then one range per group.
 
-    ``groups`` is a vector mapping each channel (last dimension) to its group id; it is chosen
-    after calibration by :func:`make_groups`, because the permutation depends on the ranges.
+    ``groups`` is a vector mapping each channel (last dimension) to its group id. Left None, it
+    is chosen from this site's own ranges by :func:`make_groups` when ``range()`` is called
+    (the permutation depends on the ranges); set beforehand, it imposes a grouping chosen from
+    another site's ranges (PEG groups shared by the sites of a layer).
     """
 
     def __init__(self, k: int, grouping: str) -> None:
@@ -127,10 +135,18 @@ class GroupMinMax(RangeEstimator):
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
 
-    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def channel_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (min, max) over everything observed."""
         if self.lo is None:
             raise RuntimeError("range requested before any value was observed")
-        self.groups = make_groups(self.lo, self.hi, self.k, self.grouping)
+        return self.lo, self.hi
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.channel_ranges()
+        if self.groups is None:
+            self.groups = make_groups(lo, hi, self.k, self.grouping)
+        elif self.groups.numel() != lo.numel():
+            raise ValueError(f"imposed PEG groups cover {self.groups.numel()} channels, the site has {lo.numel()}")
         glo = torch.full((self.k,), math.inf).scatter_reduce(0, self.groups, self.lo, "amin")
         ghi = torch.full((self.k,), -math.inf).scatter_reduce(0, self.groups, self.hi, "amax")
         return glo[self.groups], ghi[self.groups]
@@ -169,3 +185,28 @@ def make_groups(lo: torch.Tensor, hi: torch.Tensor, k: int, grouping: str) -> to
             ids[block] = g
         return ids
     raise ValueError(f"unknown PEG grouping {grouping!r}; allowed: {', '.join(GROUPINGS)}")
+
+
+MSE_RANGE_MARGIN = 0.5  # the authors' range_margin: the search reaches max|w| + 0.5
+
+
+def mse_absmax(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric weight range r minimising the quantization error sum (fq(w; r) - w)^2.
+
+    The 2021 authors' weight range (``--weight-quant-method MSE --weight-opt-method
+    golden_section``), copied from Qualcomm-AI-research/transformer-quantization,
+    quantization/range_estimators.py (``MSE_Estimator._golden_section_symmetric``): scipy's
+    bounded scalar minimiser over r in [0.01 R, R], R = max|w| + 0.5, per tensor.
+    """
+    w = w.detach().float()
+    top = w.abs().max().item() + MSE_RANGE_MARGIN
+
+    def loss(r: float) -> float:
+        # fake_quantize on the symmetric grid (zero point 0), in place: ~30 calls on tables of
+        # millions of weights (the word embeddings)
+        grid = symmetric_grid(torch.tensor(r), bits)
+        scale = grid.scale.to(w.device)
+        err = torch.div(w, scale).round_().clamp_(grid.qmin, grid.qmax).mul_(scale).sub_(w)
+        return float(err.square_().sum())
+
+    return torch.tensor(minimize_scalar(loss, bounds=(0.01 * top, top), method="bounded").x, dtype=torch.float32)

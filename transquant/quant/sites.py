@@ -59,8 +59,9 @@ class ArchitectureError(ValueError):
 
 @dataclass
 class Site:
-    """One tap point. ``channels`` is the width of the last dimension for token-wise tensors
-    ([batch, tokens, channels]); None for attention scores/probabilities."""
+    """One tap point. ``channels`` is the width of the last dimension, from the site's own
+    module, for token-wise tensors ([batch, tokens, channels]) and the pooler; None for
+    attention scores/probabilities and the logits."""
 
     name: str
     kind: str
@@ -91,14 +92,16 @@ def _find_encoder(model: nn.Module) -> tuple[str, nn.Module, nn.ModuleList]:
 
 
 def find_sites(model: nn.Module) -> list[Site]:
-    """All sites of a BERT-family sequence classifier, in forward order."""
+    """All sites of a BERT-family sequence classifier, in forward order.
+
+    Each site's width comes from its own module (a LayerNorm's normalized shape, a Linear's
+    in/out features): ELECTRA's embeddings are narrower than its layers."""
     _, base, layers = _find_encoder(model)
     emb_norm = _get(base, "embeddings.LayerNorm")
     if emb_norm is None:
         raise ArchitectureError(f"{type(model).__name__}: missing embeddings.LayerNorm")
-    hidden = emb_norm.normalized_shape[-1]
-    sites = [Site("embeddings.sum", "embedding_sum", None, emb_norm, "input", hidden),
-             Site("embeddings.norm", "embedding_norm", None, emb_norm, "output", hidden)]
+    sites = [Site("embeddings.sum", "embedding_sum", None, emb_norm, "input", _width(emb_norm, "input")),
+             Site("embeddings.norm", "embedding_norm", None, emb_norm, "output", _width(emb_norm, "output"))]
     for i, layer in enumerate(layers):
         missing = [p for p, _ in LAYER_SITES.values() if _get(layer, p) is None]
         if missing:
@@ -107,13 +110,10 @@ def find_sites(model: nn.Module) -> list[Site]:
                 f"(expected the BERT layout {', '.join(sorted({p for p, _ in LAYER_SITES.values()}))})")
         for kind, (path, side) in LAYER_SITES.items():
             mod = _get(layer, path)
-            width = _out_features(mod) if side == "output" else _in_features(mod) if side == "input" else None
-            if kind in ("attn_residual", "attn_norm", "ffn_residual", "ffn_norm"):
-                width = hidden
-            sites.append(Site(f"layer.{i}.{LAYER_SITE_NAMES[kind]}", kind, i, mod, side, width))
+            sites.append(Site(f"layer.{i}.{LAYER_SITE_NAMES[kind]}", kind, i, mod, side, _width(mod, side)))
     pooler = _get(base, "pooler")
     if pooler is not None:
-        sites.append(Site("pooler", "pooler", None, pooler, "output", hidden))
+        sites.append(Site("pooler", "pooler", None, pooler, "output", _width(pooler, "output")))
     head = getattr(model, "classifier", None)
     if head is None:
         raise ArchitectureError(f"{type(model).__name__}: no 'classifier' head (need a sequence classifier)")
@@ -121,15 +121,14 @@ def find_sites(model: nn.Module) -> list[Site]:
     return sites
 
 
-def _out_features(mod: nn.Module) -> int | None:
+def _width(mod: nn.Module, side: str) -> int | None:
+    """Last-dimension width of a module's input or output; None for attention scores/probs."""
+    if isinstance(mod, nn.LayerNorm):
+        return mod.normalized_shape[-1]
     if isinstance(mod, nn.Linear):
-        return mod.out_features
-    dense = getattr(mod, "dense", None)
-    return dense.out_features if isinstance(dense, nn.Linear) else None
-
-
-def _in_features(mod: nn.Module) -> int | None:
-    return mod.in_features if isinstance(mod, nn.Linear) else None
+        return mod.out_features if side == "output" else mod.in_features
+    dense = getattr(mod, "dense", None)  # BertIntermediate, BertPooler: a Linear then an activation
+    return dense.out_features if side == "output" and isinstance(dense, nn.Linear) else None
 
 
 def select(sites: list[Site], patterns: list[str]) -> list[Site]:
@@ -178,19 +177,28 @@ def use_tappable_attention(model: nn.Module) -> None:
 
 @contextmanager
 def tap(sites: list[Site], fn: TapFn) -> Iterator[None]:
-    """Route every listed site's tensor through ``fn(site, x)`` (which may replace it)."""
+    """Route every listed site's tensor through ``fn(site, x)`` (which may replace it).
+
+    A tensor whose last dimension is not the site's width raises: a wrong width would silently
+    fold values into the wrong channels of per-channel ranges and statistics."""
+    def checked(site: Site, x: torch.Tensor) -> torch.Tensor:
+        if site.channels is not None and x.shape[-1] != site.channels:
+            raise ArchitectureError(f"site {site.name}: expected width {site.channels} (from its module "
+                                    f"{type(site.module).__name__}), got {x.shape[-1]} (tensor {tuple(x.shape)})")
+        return fn(site, x)
+
     handles = []
     attn_modules = []
     for site in sites:
         if site.side == "output":
             handles.append(site.module.register_forward_hook(
-                lambda m, a, out, s=site: _replace_output(out, fn(s, _first(out)))))
+                lambda m, a, out, s=site: _replace_output(out, checked(s, _first(out)))))
         elif site.side == "input":
             handles.append(site.module.register_forward_pre_hook(
-                lambda m, args, s=site: (fn(s, args[0]), *args[1:])))
+                lambda m, args, s=site: (checked(s, args[0]), *args[1:])))
         else:
             taps = site.module.__dict__.setdefault("_transquant_taps", {})
-            taps[site.side] = lambda x, s=site: fn(s, x)
+            taps[site.side] = lambda x, s=site: checked(s, x)
             attn_modules.append(site.module)
     try:
         yield
