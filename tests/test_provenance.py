@@ -51,3 +51,15 @@ def test_stats_cache_key_follows_the_statistics_code(package_copy):
     assert stats_cache_path("/c", "ckpt", "fp", 8) == path
     _edit(package_copy / "quant" / "sites.py")
     assert stats_cache_path("/c", "ckpt", "fp", 8) != path
+
+
+def test_hash_is_of_the_code_this_process_loaded(tmp_path, monkeypatch):
+    """An edit on disk during a sweep is not credited to jobs still running the loaded code."""
+    before = provenance.source_hash()
+    target = provenance.PACKAGE_DIR / "report.py"
+    original = target.read_bytes()
+    try:
+        target.write_bytes(original + b"# an edit on disk\n")
+        assert provenance.source_hash() == before
+    finally:
+        target.write_bytes(original)

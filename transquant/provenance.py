@@ -31,12 +31,17 @@ def _files(modules: tuple[str, ...] | None) -> list[Path]:
     return sorted(files)
 
 
+# The package's sources as this process loaded them: an edit made on disk while a sweep runs must
+# not be credited to the jobs that still run the old code.
+_LOADED = {f: f.read_bytes() for f in PACKAGE_DIR.rglob("*.py")}
+
+
 def source_hash(modules: tuple[str, ...] | None = None) -> str:
     """SHA-256 (short) of the given modules' source files; ``None`` = every file of the package."""
     h = hashlib.sha256()
     for f in _files(modules):
         h.update(str(f.relative_to(PACKAGE_DIR)).encode())
-        h.update(f.read_bytes())
+        h.update(_LOADED[f] if f in _LOADED else f.read_bytes())
     return h.hexdigest()[:16]
 
 
