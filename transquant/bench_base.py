@@ -22,11 +22,11 @@ import torch
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertForSequenceClassification
 
+from .paths import CONF_PATH as CONF
 from .profiling import profile_stage
 from .quant.ptq import calibrate, plan_sites, quantize_weights_
 from .quant.sites import find_sites
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 COLUMNS = ["method", "engine_precision", "latency_p50_ms", "latency_p95_ms", "throughput_seq_s", "peak_memory_mb",
            "model_size_mb", "speedup_vs_torch_fp32", "speedup_vs_ort_fp32", "speedup_vs_peer", "size_ratio_vs_fp32",
            "fp32_latency_p50_ms", "ort_fp32_latency_p50_ms", "peer_latency_p50_ms", "engine_int8_matmuls",

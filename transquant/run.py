@@ -19,8 +19,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from .errors import TransquantError  # noqa: E402
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from .paths import CONF_DIR  # noqa: E402,F401  (re-exported: tests import it from here)
 
 
 class SweepStopped(RuntimeError):

@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from .errors import TransquantError  # noqa: E402
-from .run import CONF_DIR  # noqa: E402
+from .paths import CONF_DIR  # noqa: E402
 from .tracking import PARENT_ENV  # noqa: E402
 
 log = logging.getLogger("transquant")

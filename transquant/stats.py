@@ -28,9 +28,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from .errors import TransquantError  # noqa: E402
+from .paths import CONF_DIR, CONF_PATH  # noqa: E402
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-STATS_DEFAULTS = Path(CONF_DIR) / "stats" / "default.yaml"
+STATS_DEFAULTS = CONF_PATH / "stats" / "default.yaml"
 PRINT_KINDS = ("embedding_sum", "attn_residual", "attn_norm", "ffn_intermediate", "ffn_residual", "ffn_norm")
 
 
