@@ -30,6 +30,7 @@ BAD = [
     (["train.epochs=0"], "train.epochs=0"),
     (["train.max_length=4"], "train.max_length=4"),
     (["calibration.num_batches=0"], "calibration.num_batches=0"),
+    (["profile.fp32_attention=flash"], "profile.fp32_attention=flash: allowed sdpa, eager"),
     (["hardware.device=tpu"], "hardware.device=tpu: allowed cpu, cuda"),
     (["tracking.uri=ftp://x/y"], "tracking.uri=ftp://x/y: unsupported scheme"),
     (["tracking.uri=http://127.0.0.1:9"], "no tracking server answers"),

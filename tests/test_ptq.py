@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from transquant.errors import TransquantError
+from transquant.paths import CONF_PATH
 from transquant.quant.ptq import WEIGHT_ESTIMATORS, calibrate, plan_sites, quantize_weights_, token_values
 from transquant.quant.quantizers import fake_quantize
 from transquant.quant.ranges import make_groups
@@ -15,7 +16,7 @@ from transquant.tasks import batches
 
 from .conftest import random_batches, tiny_bert
 
-CONF = OmegaConf.load("conf/quant/fp32.yaml")
+CONF = OmegaConf.load(CONF_PATH / "quant" / "fp32.yaml")
 
 
 def qcfg(**kw):

@@ -72,6 +72,26 @@ def test_run_record_derives_missing_fp32_accuracy():
     assert t.iloc[0]["accuracy_median"] == 60.0 and math.isnan(t.iloc[0]["drop_median"])
 
 
+def test_calibration_size_keys_labels_only_when_runs_differ():
+    """Runs calibrated on different numbers of sequences are different rows, never seeds of one
+    method; FP32 calibrates nothing; a study of one calibration size keeps its labels."""
+    def rec(rid, method, nb, bs):
+        params = {"quant.method": method, "train.seed": "1", "calibration.num_batches": str(nb),
+                  "calibration.batch_size": str(bs)}
+        return run_record(rid, params, {"accuracy": 60.0}, {})
+
+    assert rec("a", "w8a8_paper", 16, 16)["calibration_sequences"] == 256
+    assert rec("f", "fp32", 16, 16)["calibration_sequences"] is None
+    assert run_record("o", {"quant.method": "w8a8"}, {}, {})["calibration_sequences"] is None  # sizes not logged
+    one = records_frame([rec("a", "w8a8_paper", 1, 1), rec("b", "mixed_paper", 1, 1), rec("f", "fp32", 1, 1)])
+    assert list(one["label"]) == ["FP32", "W8A8 (paper)", "mixed W8A{8,16} (paper)"]
+    many = records_frame([rec("c", "w8a8_paper", 16, 1), rec("a", "w8a8_paper", 1, 1), rec("f", "fp32", 16, 1),
+                          rec("d", "w8a8_paper", 4, 4)])
+    assert list(many["label"]) == ["FP32", "W8A8 (paper) cal=1", "W8A8 (paper) cal=16", "W8A8 (paper) cal=16"]
+    assert list(many["quant_label"]) == ["FP32", *["W8A8 (paper)"] * 3]
+    assert aggregate(many, "label", "accuracy")["n"].tolist() == [1, 1, 1]  # 16 x 1 and 4 x 4: one size, one seed
+
+
 def test_pareto_mask():
     pts = [(90, 3), (91, 5), (89, 4), (91, 5), (80, 0), (85, 0)]
     assert pareto_mask(pts, ["maximize", "minimize"]) == [True, True, False, True, False, True]
@@ -169,8 +189,11 @@ def synthetic(tmp_path_factory):
                history={"kurtosis": [3.0 + off, 30.0 + off, 300.0 + off], "max_abs": [1.0, 10.0, 100.0]},
                tags={"finetune_cache": "miss"}, predictions=pred)
         m, pred = _with_predictions(_quantized(FP32[s], w8a8[s], latency_p50_ms=5.0, model_size_mb=23.0,
-                                               speedup_vs_fp32=2.0))
-        _child(client, exp, paper, s, qparams("w8a8"), m, tick(), predictions=pred)
+                                               speedup_vs_fp32=2.0, speedup_vs_torch_fp32=2.0, speedup_vs_ort_fp32=1.5,
+                                               speedup_vs_peer=1.2, engine_code_agreement=0.9995 - off / 10_000,
+                                               engine_int8_matmuls=36, engine_float_matmuls=0))
+        _child(client, exp, paper, s, qparams("w8a8"), m, tick(), predictions=pred,
+               tags={"engine_precision": "W8A8", "fp32_attention": "sdpa"})
         for (k, g), acc in peg.items():
             kw = {"k": k, "permute": g != "contiguous", "grouping": "sorted" if g == "contiguous" else g}
             m, pred = _with_predictions(_quantized(FP32[s], acc + off))
@@ -196,7 +219,19 @@ def synthetic(tmp_path_factory):
     trials = {}
     for k, acc, hp in ((2, 80.0, 10), (4, 90.0, 20), (6, 85.0, 30), (3, 70.0, 5)):
         trials[k] = _child(client, exp, par, 1000, qparams("peg", k=k), _quantized(90.0, acc, high_precision_sites=hp), tick())
-    return {"uri": uri, "client": client, "paper": paper, "loo": loo, "bits": bits, "pareto": par, "trials": trials,
+    # Study "calibration": the exact presets at 1, 16, 256, 1024 sequences (one seed) and FP32.
+    cal = client.create_run(exp, start_time=tick(), tags={"transquant.role": "sweep",
+                                                          "transquant.study": "calibration"}).info.run_id
+    sizes = {"calibration.num_batches": "1", "calibration.batch_size": "1"}
+    m, pred = _with_predictions({"accuracy": 90.0, "fp32_accuracy": 90.0, "accuracy_drop": 0.0})
+    _child(client, exp, cal, 1000, {**qparams("fp32"), **sizes}, m, tick(), predictions=pred)
+    for method, accs in (("w8a8_paper", (50.0, 60.0, 62.0, 63.0)), ("mixed_paper", (88.0, 89.0, 89.5, 89.5)),
+                         ("peg_paper", (80.0, 86.0, 88.0, 88.5))):
+        for nb, acc in zip((1, 16, 256, 1024), accs):
+            m, pred = _with_predictions(_quantized(90.0, acc))
+            _child(client, exp, cal, 1000, {**qparams(method), **sizes, "calibration.num_batches": str(nb)}, m,
+                   tick(), predictions=pred)
+    return {"uri": uri, "client": client, "paper": paper, "calibration": cal, "loo": loo, "bits": bits, "pareto": par, "trials": trials,
             "base": base}
 
 
@@ -221,7 +256,15 @@ def test_report_tables_from_known_values(synthetic, tmp_path):
     assert "$\\Delta$ vs FP32" in (out / "table1_accuracy.tex").read_text()
 
     dep = pd.read_csv(out / "table2_deployment.csv").set_index("method")
-    assert dep.loc["FP32", "latency_p50_ms"] == 11.0 and dep.loc["W8A8", "speedup_vs_fp32"] == 2.0
+    assert dep.loc["FP32", "latency_p50_ms"] == 11.0 and "speedup_vs_fp32" not in dep  # = speedup_vs_torch_fp32
+    w = dep.loc["W8A8"]
+    assert (w.speedup_vs_torch_fp32, w.speedup_vs_ort_fp32, w.speedup_vs_peer) == (2.0, 1.5, 1.2)
+    assert w.engine_code_agreement == pytest.approx(0.9994) and (w.engine_int8_matmuls, w.engine_float_matmuls) == (36, 0)
+    assert (w.engine_precision, w.fp32_attention) == ("W8A8", "sdpa") and pd.isna(dep.loc["FP32", "engine_precision"])
+    tex = (out / "table2_deployment.tex").read_text()
+    for header in ("Speed-up vs PyTorch FP32", "Speed-up vs ORT FP32", "Speed-up vs ORT dynamic INT8",
+                   "PyTorch FP32 attention", "0.9994"):
+        assert header in tex, header
     depth = pd.read_csv(out / "table3_depth.csv")
     assert list(depth.layer) == [0, 1, 2] and list(depth["kurtosis"]) == [4.0, 31.0, 301.0]  # median over 3 checkpoints
     assert list(depth.max_abs) == [1.0, 10.0, 100.0] and set(depth.checkpoints) == {3}
@@ -232,6 +275,7 @@ def test_report_tables_from_known_values(synthetic, tmp_path):
     for f in ("accuracy_vs_k.png", "accuracy_vs_percentile.png", "depth_stats.png", "report.md", "runs.csv"):
         assert (out / f).is_file(), f
     assert not (out / "ablation_loo.csv").exists() and not (out / "pareto.png").exists()
+    assert not (out / "calibration.csv").exists() and not (out / "accuracy_vs_calibration.png").exists()
 
     # Parent metrics and artifacts.
     client = synthetic["client"]
@@ -292,6 +336,30 @@ def test_compare_two_methods_from_stored_predictions(synthetic, capsys):
     assert "needs a study" in capsys.readouterr().err
     assert rp.main(["paper", "--compare", "W8A8", "W8A9", "--tracking-uri", synthetic["uri"]]) == 2
     assert "no finished run of this method" in capsys.readouterr().err
+
+
+def test_report_calibration_study(synthetic, tmp_path):
+    """Accuracy by calibration sequences: one row per size (never pooled as seeds), its interval,
+    the drop marked where McNemar says so, and the figure."""
+    out = rp.report(["calibration"], synthetic["uri"], tmp_path / "cal")
+    t = pd.read_csv(out / "calibration.csv")
+    assert list(t["method"].drop_duplicates()) == ["W8A8 (paper)", "mixed W8A{8,16} (paper)", "PEG K=6 sorted (paper)"]
+    assert list(t["sequences"]) == [1, 16, 256, 1024] * 3
+    r = t[(t["method"] == "W8A8 (paper)") & (t["sequences"] == 16)].iloc[0]
+    assert (r.accuracy, r.accuracy_drop) == (60.0, 30.0) and bool(r.significant)
+    assert (r.accuracy_ci_low, r.accuracy_ci_high) == pytest.approx(S.accuracy_ci(_correct(60.0)))
+    m = t[t["method"] == "mixed W8A{8,16} (paper)"].set_index("sequences")
+    assert m.loc[1024, "mcnemar_p"] == 1.0 and not bool(m.loc[1024, "significant"])  # one example lost
+    tex = (out / "calibration.tex").read_text()
+    lo, hi = S.accuracy_ci(_correct(60.0))
+    assert "1 seq. & 16 seq. & 256 seq. & 1024 seq." in tex and f"60.00 [{lo:.2f}, {hi:.2f}] / 30.00*" in tex
+    assert "& 89.50 [" in tex and "/ 0.50 \\\\" in tex and "\\caption{" in tex
+    t1 = pd.read_csv(out / "table1_accuracy.csv").set_index("method")
+    assert t1.loc["W8A8 (paper) cal=16", "accuracy_median"] == 60.0 and set(t1["seeds"]) == {1}
+    assert len(t1) == 1 + 12 and "FP32" in t1.index
+    assert synthetic["client"].get_run(synthetic["calibration"]).data.metrics["median_accuracy.w8a8_paper_cal1024"] == 63.0
+    assert (out / "accuracy_vs_calibration.png").is_file()
+    assert "Calibration set size" in (out / "report.md").read_text()
 
 
 def test_report_loo_and_bits(synthetic, tmp_path):

@@ -21,7 +21,7 @@ from transquant import report as rp
 from transquant import significance as S
 from transquant.config import validate
 from transquant.run import CONF_DIR
-from transquant.study import method_label, quant_params
+from transquant.study import method_label, quant_params, records_frame, run_record
 from transquant.tracking import flatten
 
 from .conftest import run_cli
@@ -71,21 +71,26 @@ def test_paper_job_list_seed_slowest():
     assert len(one) == 24 and all("train.seed=7" in j for j in one)
     assert len(_sweep_jobs("+experiment=loo")) == 24
     assert len(_sweep_jobs("+experiment=bits")) == 4 * 6
+    assert len(_sweep_jobs("+experiment=calibration")) == 3 * 4
 
 
-@pytest.mark.parametrize("experiment", ["paper", "loo", "bits"])
+@pytest.mark.parametrize("experiment", ["paper", "loo", "bits", "calibration"])
 def test_every_job_of_an_experiment_validates_on_the_default_model(experiment):
-    """Every job composes and passes config validation against MiniLM-L6's sites (no weights)."""
+    """Every job composes and passes config validation against MiniLM-L6's sites (no weights), and
+    the report gives each job its own row (label)."""
     jobs = [j for j in _sweep_jobs(f"+experiment={experiment}") if "train.seed=1001" not in j and "train.seed=1002" not in j]
-    labels = []
+    records = []
     with initialize_config_dir(config_dir=CONF_DIR):
-        for job in jobs:
+        for i, job in enumerate(jobs):
             cfg = compose(config_name="config", overrides=[f"+experiment={experiment}", *job])
             validate(cfg)
-            labels.append(method_label(quant_params(flatten(cfg))))
+            records.append(run_record(str(i), flatten(cfg), {}, {}))
+    labels = list(records_frame(records)["label"])
     assert len(set(labels)) == len(jobs), "two jobs of one experiment would be the same method"
     if experiment == "paper":
         assert set(labels) == PAPER_METHODS
+    if experiment == "calibration":
+        assert {lab.rsplit(" cal=", 1)[1] for lab in labels} == {"1", "16", "256", "1024"}
 
 
 def test_paper_experiment_end_to_end(tmp_path):

@@ -18,6 +18,9 @@ from .quant.sites import ArchitectureError, Site, find_sites, select, unmatched
 TASKS = ("qnli-squad", "qnli", "synthetic")
 DEVICES = ("cpu", "cuda")
 SCHEDULES = ("linear", "cosine")
+# Attention kernels of the PyTorch FP32 baseline (profiling.torch_fp32) that run on CPU and GPU
+# without optional packages; any other name fails only after calibration and evaluation.
+FP32_ATTENTIONS = ("sdpa", "eager")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -82,6 +85,9 @@ def validate_static(cfg: DictConfig) -> None:
     _positive_int("calibration.num_batches", cfg.calibration.num_batches)
     _positive_int("calibration.batch_size", cfg.calibration.batch_size)
     _positive_int("eval.batch_size", cfg.eval.batch_size)
+    attention = cfg.profile.get("fp32_attention", "sdpa")
+    _check(attention in FP32_ATTENTIONS,
+           f"profile.fp32_attention={attention}: allowed {', '.join(FP32_ATTENTIONS)}")
     hw = cfg.hardware
     _check(hw.device in DEVICES, f"hardware.device={hw.device}: allowed {', '.join(DEVICES)}")
     if hw.device == "cuda":

@@ -17,20 +17,21 @@ plus, on each parent, the seed statistics of its own jobs as metrics:
 ==========================  ===================================================================
 table1_accuracy             accuracy and drop vs FP32 per method: median, min–max, McNemar significance
 table1_seeds                per method and seed: 95 % intervals of accuracy and drop, McNemar p
-table2_deployment           latency p50/p95, peak memory, model size, speedup (profiled runs)
+table2_deployment           latency, memory, size, speed-up vs each baseline, what the engine runs (profiled runs)
 table3_depth                FP32 statistics per layer (metric history, step = layer)
 ablation_peg                PEG K x grouping (contiguous = no permutation, sorted, gap)
 ablation_percentile         percentile p
 ablation_loo                leave-one-out: which site left float recovers how much
 ablation_bits               activation bit width per method family
+calibration                 accuracy and drop vs FP32 by number of calibration sequences (runs of several sizes)
 search_trials               Optuna trials in order, best / Pareto flags
 timing                      wall-time split from the *_seconds metrics
 runs                        every child run: id, seed, method, metrics
 ==========================  ===================================================================
 
 each as ``.csv`` and booktabs ``.tex``, figures ``accuracy_vs_k.png``, ``accuracy_vs_percentile.png``,
-``accuracy_vs_bits.png``, ``pareto.png``, ``depth_stats.png``, and ``report.md``. Tables without
-data are not written. Files hold no timestamps and rows are in a canonical order, so the same
+``accuracy_vs_bits.png``, ``accuracy_vs_calibration.png``, ``pareto.png``, ``depth_stats.png``, and
+``report.md``. Tables without data are not written. Files hold no timestamps and rows are in a canonical order, so the same
 study gives the same bytes.
 
 ``--compare A B`` prints, per seed, A against B on the same validation examples from the runs'
@@ -54,8 +55,18 @@ from .study import (GROUPING_ORDER, aggregate, best_mask, paired_deltas, parse_p
                     site_preset, site_sort_key, study_metrics)
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
-PROFILE_METRICS = ("latency_p50_ms", "latency_p95_ms", "peak_memory_mb", "model_size_mb", "speedup_vs_fp32",
-                   "fp32_latency_p50_ms", "fp32_model_size_mb")  # the FP32 reference timed in the same run
+# Each speed-up is named after its baseline, all timed in the same run (transquant.profiling).
+PROFILE_METRICS = ("latency_p50_ms", "latency_p95_ms", "peak_memory_mb", "model_size_mb", "speedup_vs_torch_fp32",
+                   "speedup_vs_ort_fp32", "speedup_vs_peer", "engine_code_agreement", "engine_int8_matmuls",
+                   "engine_float_matmuls", "fp32_latency_p50_ms", "fp32_model_size_mb")
+PROFILE_TAGS = ("engine_precision", "fp32_attention")
+PROFILE_HEADERS = {"latency_p50_ms": "p50 (ms)", "latency_p95_ms": "p95 (ms)", "peak_memory_mb": "Peak memory (MB)",
+                   "model_size_mb": "Size (MB)", "speedup_vs_torch_fp32": "Speed-up vs PyTorch FP32",
+                   "speedup_vs_ort_fp32": "Speed-up vs ORT FP32", "speedup_vs_peer": "Speed-up vs ORT dynamic INT8",
+                   "engine_code_agreement": "Code agreement", "engine_int8_matmuls": "INT8 MatMuls",
+                   "engine_float_matmuls": "Float MatMuls", "fp32_latency_p50_ms": "PyTorch FP32 p50 (ms)",
+                   "fp32_model_size_mb": "FP32 size (MB)", "engine_precision": "Engine precision",
+                   "fp32_attention": "PyTorch FP32 attention"}
 DEPTH_METRICS = ("kurtosis", "top1pct_channel_energy", "max_abs", "variance")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 # Cached FP32 statistics: every job logs what computing them cost, but only a cache miss spent it.
@@ -294,7 +305,8 @@ def latex_seeds(t: pd.DataFrame) -> pd.DataFrame:
 
 
 def table_deployment(df: pd.DataFrame) -> pd.DataFrame:
-    """Table II: medians over seeds of the profile metrics, methods that were profiled."""
+    """Table II: medians over seeds of the profile metrics, methods that were profiled, with the
+    engine's precision and the PyTorch FP32 baseline's attention kernel (tags; values joined)."""
     present = [m for m in PROFILE_METRICS if m in df and df[m].notna().any()]
     if not present:
         return pd.DataFrame()
@@ -307,7 +319,52 @@ def table_deployment(df: pd.DataFrame) -> pd.DataFrame:
     runs = out[[c for c in out if c.startswith("n_")]].max(axis=1)
     out = out.drop(columns=[c for c in out if c.startswith("n_")])
     out.insert(1, "seeds", runs.astype(int))
+    profiled = df[df[present].notna().any(axis=1)]
+    for i, tag in enumerate(t for t in PROFILE_TAGS if t in df and profiled[t].notna().any()):
+        values = profiled.groupby("label")[tag].agg(lambda v: ",".join(sorted(set(v.dropna()))))
+        out.insert(2 + i, tag, out["label"].map(values).fillna(""))
     return out.rename(columns={"label": "method"})
+
+
+def latex_deployment(t: pd.DataFrame) -> pd.DataFrame:
+    """Table II with headers that name each speed-up's baseline."""
+    digits = {"engine_code_agreement": 4, "engine_int8_matmuls": 0, "engine_float_matmuls": 0}
+    out = t.copy()
+    for c in out:
+        if c in PROFILE_METRICS:
+            out[c] = out[c].map(lambda x, d=digits.get(c, 2): _fmt(x, d))
+    return out.rename(columns={"method": "Method", "seeds": "Seeds", **PROFILE_HEADERS})
+
+
+def table_calibration(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method, calibration size and seed (the latest run): accuracy and drop vs FP32 with their
+    95 % intervals and McNemar p. Only for runs calibrated on more than one number of sequences."""
+    if df.empty or "accuracy" not in df or "calibration_sequences" not in df or df["calibration_sequences"].nunique() < 2:
+        return pd.DataFrame()
+    d = _latest_per_seed(df[df["calibration_sequences"].notna() & df["accuracy"].notna()])
+    cols = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", "fp32_accuracy", "accuracy_drop", "drop_ci_low",
+            "drop_ci_high", "mcnemar_p"]
+    out = d.reindex(columns=["quant_label", "calibration_sequences", "seed", *cols, "run_id"])
+    out = out.rename(columns={"quant_label": "method", "calibration_sequences": "sequences"})
+    out["sequences"] = out["sequences"].astype(int)
+    out.insert(len(out.columns) - 1, "significant", out["mcnemar_p"] < ALPHA)
+    return out.reset_index(drop=True)
+
+
+def latex_calibration(t: pd.DataFrame) -> pd.DataFrame:
+    """Methods (and seeds, if several) x calibration sequences: ``accuracy [interval] / drop``."""
+    def cell(r) -> str:
+        lo, hi = r.accuracy_ci_low, r.accuracy_ci_high
+        acc = _fmt(r.accuracy) if math.isnan(lo) else _interval(r.accuracy, lo, hi)
+        return f"{acc} / {_star(_fmt(r.accuracy_drop), r.significant)}".removesuffix(" / ")
+
+    index = ["method", "seed"] if t["seed"].nunique() > 1 else ["method"]
+    rows = []
+    for key, g in t.groupby(index, sort=False):  # table order
+        rows.append({**dict(zip(index, key)), **{f"{r.sequences} seq.": cell(r) for r in g.itertuples()}})
+    cols = [f"{n} seq." for n in sorted(t["sequences"].unique())]
+    return pd.DataFrame(rows).reindex(columns=[*index, *cols]).fillna("").rename(
+        columns={"method": "Method", "seed": "Seed"})
 
 
 def table_depth(depth: pd.DataFrame) -> pd.DataFrame:
@@ -426,8 +483,8 @@ def table_timing(df: pd.DataFrame) -> pd.DataFrame:
 
 
 RUN_COLUMNS = ["run_id", "status", "seed", "method", "label", "k", "grouping", "percentile", "weight_bits", "act_bits",
-               "act_exclude", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "fp32_accuracy", "accuracy_drop",
-               "drop_ci_low", "drop_ci_high", "mcnemar_p", *PROFILE_METRICS, "high_precision_sites",
+               "act_exclude", "calibration_sequences", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+               "fp32_accuracy", "accuracy_drop", "drop_ci_low", "drop_ci_high", "mcnemar_p", *PROFILE_METRICS, *PROFILE_TAGS, "high_precision_sites",
                "calibration_seconds", "eval_seconds", "finetune_seconds", "finetune_cache", "reused", "best", "pareto"]
 
 
@@ -443,6 +500,7 @@ def build_tables(df: pd.DataFrame, depth: pd.DataFrame | None = None, objectives
         "ablation_percentile": ablation_percentile(df) if not df.empty else pd.DataFrame(),
         "ablation_loo": ablation_loo(df) if not df.empty else pd.DataFrame(),
         "ablation_bits": ablation_bits(df) if not df.empty else pd.DataFrame(),
+        "calibration": table_calibration(df),
         "search_trials": search_trials(df, objectives or ["accuracy"]) if not df.empty else pd.DataFrame(),
         "timing": table_timing(df),
         "runs": df[[c for c in RUN_COLUMNS if c in df]].copy() if not df.empty else pd.DataFrame(),
@@ -467,6 +525,10 @@ def latex_view(name: str, t: pd.DataFrame) -> pd.DataFrame:
         return latex_accuracy(t)
     if name == "table1_seeds":
         return latex_seeds(t)
+    if name == "table2_deployment":
+        return latex_deployment(t)
+    if name == "calibration":
+        return latex_calibration(t)
     if name == "ablation_peg":
         t = t.assign(cell=[spread(r.accuracy_median, r.accuracy_min, r.accuracy_max, r.seeds) for r in t.itertuples()])
         p = t.pivot(index="k", columns="grouping", values="cell")
@@ -545,8 +607,8 @@ def write_figures(tables: dict[str, pd.DataFrame], out: Path, objectives: list[s
             if not m.empty:
                 refs[lab] = float(m["accuracy_median"].iloc[0])
 
-    def finish(fig, ax, name, xlabel, ylabel="accuracy (%)"):
-        for (lab, v), style in zip(refs.items(), ("--", ":")):
+    def finish(fig, ax, name, xlabel, ylabel="accuracy (%)", lines=None):
+        for (lab, v), style in zip((refs if lines is None else lines).items(), ("--", ":")):
             ax.axhline(v, color="gray", linestyle=style, linewidth=1, label=f"{lab} {v:.2f}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -588,6 +650,24 @@ def write_figures(tables: dict[str, pd.DataFrame], out: Path, objectives: list[s
         ax.set_xticks(sorted(set(t["act_bits"])))
         ax.set_title("Accuracy vs activation bits (weights 8-bit)")
         finish(fig, ax, "accuracy_vs_bits.png", "activation bits")
+    if "calibration" in tables:
+        t = tables["calibration"]
+        fig, ax = subplots(figsize=(5, 3.5))
+        several = t["seed"].nunique() > 1
+        for (method, seed), s in t.groupby(["method", "seed"], sort=False):
+            y = s["accuracy"].to_numpy(float)
+            yerr = np.nan_to_num(np.vstack([y - s["accuracy_ci_low"].to_numpy(float),
+                                            s["accuracy_ci_high"].to_numpy(float) - y]))
+            ax.errorbar(s["sequences"], y, yerr=yerr, marker="o", capsize=3,
+                        label=f"{method} (seed {seed})" if several else method)
+        sizes = sorted(set(t["sequences"]))
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_title("Accuracy vs calibration set (95 % intervals)")
+        fp32 = t["fp32_accuracy"].median()
+        finish(fig, ax, "accuracy_vs_calibration.png", "calibration sequences",
+               lines={} if math.isnan(fp32) else {"FP32": fp32})
     if len(objectives) > 1 and all(o in df for o in objectives[:2]) and not df.empty:
         x_o, y_o = objectives[1], objectives[0]
         d = df[df[x_o].notna() & df[y_o].notna()]
@@ -622,7 +702,9 @@ TITLES = {"table1_accuracy": "Table I — accuracy and drop vs FP32 (median [min
           "table3_depth": "Table III — FP32 activation statistics by depth (FFN residual sum)",
           "ablation_peg": "PEG: K x grouping", "ablation_percentile": "Percentile p",
           "ablation_loo": "Leave-one-out (W8A8 with one site kind left float)",
-          "ablation_bits": "Activation bit width", "search_trials": "Search trials", "timing": "Wall-time split"}
+          "ablation_bits": "Activation bit width",
+          "calibration": "Calibration set size (accuracy [95 % interval] / drop vs FP32)",
+          "search_trials": "Search trials", "timing": "Wall-time split"}
 
 
 # The significance rule, stated where the marks are (LaTeX caption, report.md).
@@ -631,6 +713,9 @@ CAPTIONS = {
                        f"by the rule {RULE}; McNemar p: the largest over seeds. Per-seed intervals: table1_seeds.",
     "table1_seeds": f"Brackets: 95 % percentile-bootstrap intervals ({N_BOOT:,} resamples of the validation examples); "
                     f"the drop is paired with FP32 on the same examples. * = significant, by the rule {RULE}.",
+    "calibration": f"Columns: calibration sequences (num_batches x batch_size). Cells: accuracy (%) [95 % "
+                   f"percentile-bootstrap interval over the validation examples] / drop vs FP32 (points); "
+                   f"* = significant, by the rule {RULE}.",
 }
 
 
@@ -645,7 +730,8 @@ def write_markdown(tables, parents, studies, out: Path, df: pd.DataFrame) -> Pat
     lines.append("")
     for name, title in TITLES.items():
         if name in tables:
-            latex_like = ("table1_accuracy", "table1_seeds", "ablation_peg", "ablation_bits")
+            latex_like = ("table1_accuracy", "table1_seeds", "table2_deployment", "ablation_peg", "ablation_bits",
+                          "calibration")
             view = latex_view(name, tables[name]) if name in latex_like else tables[name]
             view = view.rename(columns=lambda c: c.replace("\\%", "%").replace("$\\Delta$", "Δ").replace("$p$", "p"))
             caption = [CAPTIONS[name], ""] if name in CAPTIONS else []

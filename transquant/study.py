@@ -25,13 +25,12 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from .paths import CONF_PATH as CONF_DIR
 
 # Display order of method families in every table (unknown families sort after, by name).
 FAMILY_ORDER = ("fp32", "w8a32", "w32a8", "w8a8", "mixed", "peg", "percentile")
@@ -211,11 +210,20 @@ def site_preset(peg_sites: str, high_bits_sites: str) -> str:
 
 # --- runs as a table ------------------------------------------------------------------------------
 
+def calibration_sequences(params: dict[str, str], q: dict) -> int | None:
+    """Training sequences the activation ranges came from (``num_batches`` x ``batch_size``); None
+    for a run that quantizes no activation (nothing is calibrated) or that did not log the sizes."""
+    nb, bs = parse_param(params.get("calibration.num_batches")), parse_param(params.get("calibration.batch_size"))
+    act_bits = q.get("act_bits", method_defaults(q.get("method", "?")).get("act_bits"))
+    return nb * bs if isinstance(nb, int) and isinstance(bs, int) and act_bits is not None else None
+
+
 def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str],
                status: str = "FINISHED", start_time: int | None = None, end_time: int | None = None) -> dict:
     """One row of the study table: identification columns plus every metric."""
     q = quant_params(params)
     seed = parse_param(params.get("train.seed"))
+    label = method_label(q)
     rec = {
         "run_id": run_id,
         "status": status,
@@ -225,7 +233,9 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
         "task": params.get("task.name", tags.get("task", "")),
         "seed": seed,
         "method": q.get("method", tags.get("quant_method", "?")),
-        "label": method_label(q),
+        "label": label,
+        "quant_label": label,
+        "calibration_sequences": calibration_sequences(params, q),
         "family": method_label(q, with_bits=False),
         "base": method_label(q, with_exclude=False),
         "k": q.get("k") if family_of(q.get("method", "")) == "peg" or q.get("peg_sites") else None,
@@ -239,6 +249,8 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
         "finetune_cache": tags.get("finetune_cache"),
         "stats_cache": tags.get("stats_cache"),
         "checkpoint": tags.get("checkpoint"),
+        "engine_precision": tags.get("engine_precision"),
+        "fp32_attention": tags.get("fp32_attention"),
         "best": tags.get("transquant.best") == "true",
         "pareto": tags.get("transquant.pareto") == "true",
         "wall_seconds": (end_time - start_time) / 1000.0 if start_time and end_time else None,
@@ -252,12 +264,21 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
 
 
 def records_frame(records: Iterable[dict]) -> pd.DataFrame:
-    """Records in canonical order (method, then seed, then start time) with a stable index."""
+    """Records in canonical order (method, calibration size, seed, start time) with a stable index.
+
+    When the runs were calibrated on different numbers of sequences, ``label``, ``family`` and
+    ``base`` end in `` cal=<sequences>``, so no table pools two calibration sizes as seeds of one
+    method; ``quant_label`` keeps the label from the ``quant.*`` params alone."""
     df = pd.DataFrame(list(records))
     if df.empty:
         return df
+    cal = df["calibration_sequences"]
+    if cal.nunique() > 1:
+        suffix = cal.map(lambda n: "" if pd.isna(n) else f" cal={int(n)}")
+        for col in ("label", "family", "base"):
+            df[col] = df[col] + suffix
     df["_seed_key"] = df["seed"].map(lambda s: (0, s) if isinstance(s, (int, float)) else (1, str(s)))
-    df = df.sort_values(by=["_sort", "_seed_key", "start_time", "run_id"],
+    df = df.sort_values(by=["_sort", "calibration_sequences", "_seed_key", "start_time", "run_id"],
                         key=lambda col: col.map(_sortable) if col.name in ("_sort", "_seed_key") else col,
                         kind="stable")
     return df.drop(columns=["_seed_key"]).reset_index(drop=True)
