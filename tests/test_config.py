@@ -21,6 +21,8 @@ BAD = [
     (["quant.act_bits=8.5"], "quant.act_bits=8.5"),
     (["quant=mixed", "quant.high_bits=32"], "quant.high_bits=32"),
     (["quant.estimator=mse"], "quant.estimator=mse: allowed minmax, percentile"),
+    (["quant.estimator=peg"], "quant.estimator=peg: allowed minmax, percentile"),  # PEG comes from quant.peg_sites
+    (["quant.weight_estimator=l2"], "quant.weight_estimator=l2: allowed minmax, mse"),
     (["quant=peg", "quant.grouping=random"], "quant.grouping=random: allowed contiguous, sorted, gap"),
     (["quant=peg", "quant.peg_sites=[*.ffn.residul]"], r"quant.peg_sites: pattern\(s\) \['\*.ffn.residul'\] match no site"),
     (["quant=mixed", "quant.high_bits_sites=[layer.9.*]"], "quant.high_bits_sites"),
@@ -31,6 +33,7 @@ BAD = [
     (["train.max_length=4"], "train.max_length=4"),
     (["calibration.num_batches=0"], "calibration.num_batches=0"),
     (["profile.fp32_attention=flash"], "profile.fp32_attention=flash: allowed sdpa, eager"),
+    (["profile.engine=tensorrt"], "profile.engine=tensorrt: allowed onnxruntime, torch, none"),
     (["hardware.device=tpu"], "hardware.device=tpu: allowed cpu, cuda"),
     (["tracking.uri=ftp://x/y"], "tracking.uri=ftp://x/y: unsupported scheme"),
     (["tracking.uri=http://127.0.0.1:9"], "no tracking server answers"),

@@ -9,9 +9,10 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
 
 from . import models
+from .engine import ENGINES
 from .errors import TransquantError
-from .quant.ptq import ESTIMATORS, SHARE_GROUPS, WEIGHT_ESTIMATORS, plan_sites
-from .quant.ranges import GROUPINGS
+from .quant.ptq import SHARE_GROUPS, plan_sites
+from .quant.ranges import ESTIMATORS, GROUPINGS, WEIGHT_ESTIMATORS
 from .tracking import check_artifacts, check_uri
 from .quant.sites import ArchitectureError, Site, find_sites, select, unmatched
 
@@ -54,9 +55,8 @@ def validate_static(cfg: DictConfig) -> None:
     q = cfg.quant
     for key in ("weight_bits", "act_bits", "high_bits"):
         _bits(f"quant.{key}", q[key])
-    _check(q.estimator in ESTIMATORS, f"quant.estimator={q.estimator}: allowed {', '.join(ESTIMATORS)}")
-    _check(q.weight_estimator in WEIGHT_ESTIMATORS,
-           f"quant.weight_estimator={q.weight_estimator}: allowed {', '.join(WEIGHT_ESTIMATORS)}")
+    ESTIMATORS.check(q.estimator)
+    WEIGHT_ESTIMATORS.check(q.weight_estimator)
     _check(q.share_groups in SHARE_GROUPS, f"quant.share_groups={q.share_groups}: allowed {', '.join(SHARE_GROUPS)}")
     if q.estimator == "percentile":
         p = q.percentile
@@ -64,7 +64,7 @@ def validate_static(cfg: DictConfig) -> None:
                f"quant.percentile={p}: must be a number in (0, 100]")
     _positive_int("quant.k", q.k)
     _check(isinstance(q.permute, bool), f"quant.permute={q.permute}: must be true or false")
-    _check(q.grouping in GROUPINGS, f"quant.grouping={q.grouping}: allowed {', '.join(GROUPINGS)}")
+    GROUPINGS.check(q.grouping)
     for key in ("act_sites", "act_exclude", "high_bits_sites", "peg_sites"):
         _check(all(isinstance(p, str) for p in q[key]), f"quant.{key}={list(q[key])}: must be a list of glob strings")
     _check(cfg.task.name in TASKS, f"task.name={cfg.task.name}: allowed {', '.join(TASKS)}")
@@ -85,6 +85,7 @@ def validate_static(cfg: DictConfig) -> None:
     _positive_int("calibration.num_batches", cfg.calibration.num_batches)
     _positive_int("calibration.batch_size", cfg.calibration.batch_size)
     _positive_int("eval.batch_size", cfg.eval.batch_size)
+    ENGINES.check(cfg.profile.get("engine", "onnxruntime"))
     attention = cfg.profile.get("fp32_attention", "sdpa")
     _check(attention in FP32_ATTENTIONS,
            f"profile.fp32_attention={attention}: allowed {', '.join(FP32_ATTENTIONS)}")

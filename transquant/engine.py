@@ -63,6 +63,11 @@ PyTorch engine (``profile.engine=torch``)
     executes our calibrated grids (fidelity to the fake-quant model is the point of the study)
     and its integer GEMMs were faster than PyTorch's on this CPU (numbers in the final report
     of issue 5 / ``profile.json`` of each run).
+
+``profile.engine=none`` times the fake-quantized float model itself (a simulation, no gain).
+
+Engines are registered in :data:`ENGINES` (end of this module): a new one is an
+:class:`EngineKind` subclass with the packages it needs and a ``build`` method.
 """
 from __future__ import annotations
 
@@ -71,9 +76,10 @@ import importlib
 import logging
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -82,27 +88,26 @@ from torch import nn
 from .errors import TransquantError
 from .quant.quantizers import Grid, fake_quantize
 from .quant.sites import find_sites, tap, use_tappable_attention
+from .registry import Registry
 
 log = logging.getLogger("transquant")
 
-ENGINES = ("onnxruntime", "torch", "none")
 OPSET = 17
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 # Ops that only move or reshape data: a per-tensor dequantization commutes with them.
 MOVES = frozenset({"Gather", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten"})
-# Python packages each engine needs, and the pip name to tell the user.
-_ENGINE_PACKAGES = {"onnxruntime": (("onnxruntime", "onnxruntime"), ("onnx", "onnx")), "torch": (), "none": ()}
 
 
 class EngineError(TransquantError):
     """An engine cannot be built or is not installed (one line, says what to do)."""
 
 
+ENGINES = Registry("profile.engine", EngineError)  # EngineKind subclasses, at the end of this module
+
+
 def require_engine(name: str) -> None:
     """Fail with one line if ``name`` is unknown or its runtime is not importable."""
-    if name not in ENGINES:
-        raise EngineError(f"profile.engine={name}: allowed {', '.join(ENGINES)}")
-    for module, pip_name in _ENGINE_PACKAGES[name]:
+    for module, pip_name in ENGINES[name].packages:
         try:
             importlib.import_module(module)
         except ImportError as err:
@@ -951,3 +956,136 @@ def build_torch_int8(quant_model: nn.Module, weight_grids: dict[str, Grid], path
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(qmodel.state_dict(), str(path))
     return qmodel
+
+
+# --- engines (profile.engine) ------------------------------------------------------------------
+
+@dataclass
+class EngineJob:
+    """What an engine is built from: the calibrated model, the profile's batches and options."""
+
+    profile: Any  # the ``profile`` config: engine options such as ``weight_storage``
+    fp32_model: nn.Module
+    quant_model: nn.Module
+    qa: Any  # QuantizedActivations, or None without quantized activations
+    weight_grids: dict[str, Grid]  # what ``quantize_weights_`` returned
+    batch: dict[str, torch.Tensor]  # the fixed batch every candidate is timed on
+    sample: dict[str, torch.Tensor]  # padded sample batch: site matching, code agreement
+    workdir: Path
+    device: torch.device
+    threads: int | None
+    fp32_onnx: Path | None  # ONNX Runtime FP32 export of ``fp32_model`` (None without onnxruntime)
+
+
+@dataclass
+class BuiltEngine:
+    """A built engine and what the profile needs to time it against FP32."""
+
+    engine: Engine
+    load: Callable[[], Callable[[], Any]]  # returns a callable running the timing batch once
+    fp32_size_bytes: int  # the FP32 model stored the way the engine is: the size baseline
+    info: dict  # path, build summary, ... (logged as the profile's tags and artifacts)
+    probe: tuple[str, Path] | None = None  # (kind, path) for the out-of-process memory probe
+
+
+class EngineKind:
+    """One value of ``profile.engine``, registered with ``@ENGINES.register(name)``."""
+
+    packages: tuple[tuple[str, str], ...] = ()  # (module to import, pip name) it needs
+    in_torch = True  # runs in PyTorch: timed with the job device's clock, GPU memory measured there
+
+    @classmethod
+    def build(cls, job: EngineJob) -> BuiltEngine:
+        raise NotImplementedError
+
+
+def torch_timing_runner(model: nn.Module, batch: dict, device: torch.device, context=None) -> Callable[[], Any]:
+    """A callable running ``model`` once on ``batch`` (moved to ``device`` once), inside ``context()``."""
+    feeds = {k: v.to(device) for k, v in batch.items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run():
+        with torch.inference_mode(), (context or nullcontext)():
+            out = model(**feeds).logits
+        sync()  # so a host clock is valid when GPU and CPU (ORT) candidates are compared
+        return out
+    return run
+
+
+def ort_timing_runner(path: Path, threads: int | None, batch: dict) -> Callable[[], Any]:
+    """A callable running the ONNX model at ``path`` once on ``batch``."""
+    sess = ort_session(Path(path), threads)
+    feeds = {i.name: np.ascontiguousarray(batch[i.name].cpu().numpy()) for i in sess.get_inputs()}
+    return lambda: sess.run(None, feeds)
+
+
+def save_state_dict(model: nn.Module, path: Path) -> int:
+    """Save ``model``'s state dict to ``path``; returns its bytes (the artifact size)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), str(path))
+    return path.stat().st_size
+
+
+@ENGINES.register("onnxruntime")
+class OnnxRuntimeEngine(EngineKind):
+    """Our calibrated grids as QDQ nodes on integer kernels (the module docstring)."""
+
+    packages = (("onnxruntime", "onnxruntime"), ("onnx", "onnx"))
+    in_torch = False
+
+    @classmethod
+    def build(cls, job: EngineJob) -> BuiltEngine:
+        _, path, report = build_onnx_int8(job.fp32_model, job.quant_model, job.qa, job.weight_grids, job.sample,
+                                          job.workdir, name="engine",
+                                          weight_storage=str(job.profile.get("weight_storage", "s8")),
+                                          threads=job.threads)
+        eng = ort_engine("onnxruntime", path, job.threads, input_names(job.sample), {"report": report})
+        info = {"path": str(path), "build": report.summary(), "site_tensors": report.site_tensors, "report": report,
+                "precision": report.precision}
+        return BuiltEngine(eng, lambda: ort_timing_runner(path, job.threads, job.batch), job.fp32_onnx.stat().st_size,
+                           info, probe=("onnx", path))
+
+
+@ENGINES.register("torch")
+class TorchEngine(EngineKind):
+    """``torch.ao`` dynamic INT8 with our int8 weights; activations quantized per batch, on CPU."""
+
+    @classmethod
+    def build(cls, job: EngineJob) -> BuiltEngine:
+        n_int8 = len(int8_weight_grids(job.quant_model, job.weight_grids))
+        path = job.workdir / "engine_torch_int8.pt"
+        if n_int8:
+            qmodel = build_torch_int8(job.quant_model, job.weight_grids, path)
+            build = f"torch dynamic INT8: {n_int8} int8 weight tensors (activations quantized per batch)"
+        else:
+            qmodel = copy.deepcopy(job.quant_model).cpu().eval()
+            save_state_dict(qmodel, path)
+            build = "torch: no <= 8-bit weights, the model runs in float"
+        names = input_names(job.sample)
+        eng = Engine("torch", path, torch_runner(qmodel, names), names)
+        return BuiltEngine(eng, lambda: torch_timing_runner(qmodel, job.batch, torch.device("cpu")),
+                           save_state_dict(job.fp32_model, job.workdir / "fp32_state_dict.pt"),
+                           {"build": build, "path": str(path)})
+
+
+@ENGINES.register("none")
+class FakeQuantEngine(EngineKind):
+    """The research model as it runs here: fake quantization in float, no gain."""
+
+    @classmethod
+    def build(cls, job: EngineJob) -> BuiltEngine:
+        path = job.workdir / "fake_quant_state_dict.pt"
+        save_state_dict(job.quant_model, path)
+        ctx = job.qa.active if job.qa is not None else None
+        names = input_names(job.sample)
+
+        def run_fake(feeds):
+            with torch.inference_mode(), (ctx or nullcontext)():
+                feeds = {k: torch.from_numpy(feeds[k]).to(job.device) for k in names}
+                return job.quant_model(**feeds).logits.float().cpu().numpy()
+
+        eng = Engine("none", path, run_fake, names)
+        return BuiltEngine(eng, lambda: torch_timing_runner(job.quant_model, job.batch, job.device, ctx),
+                           save_state_dict(job.fp32_model, job.workdir / "fp32_state_dict.pt"),
+                           {"path": str(path),
+                            "build": "none: fake-quantized float model (simulation, not a deployable INT8 engine)"})

@@ -9,8 +9,8 @@ import logging
 import random
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import torch
@@ -25,8 +25,7 @@ from .evaluate import predictions
 from .figures import log_figures
 from .profiling import profile_stage
 from .provenance import fingerprint
-from .quant.ptq import calibrate, plan_sites, quantize_weights_
-from .quant.sites import find_sites
+from .quant.state import STATE_FILE, QuantState, quantize_
 from .significance import PREDICTIONS, job_metrics, save_predictions
 from .statistics import log_quantization_error, log_statistics, quantization_error, sample_items
 from .stats import figure_k, job_statistics
@@ -57,6 +56,12 @@ def calibration_items(items: list[dict], cfg: DictConfig) -> list[dict]:
     return random.Random(cfg.calibration.seed).sample(items, n)
 
 
+def calibration_batches(cfg: DictConfig, tokenizer, task) -> Iterator[dict]:
+    """The calibration draw as padded batches, encoded only when read (float activations never are)."""
+    items = calibration_items(encode(tokenizer, task.train, cfg.train.max_length), cfg)
+    yield from batches(items, cfg.calibration.batch_size, tokenizer.pad_token_id)
+
+
 def fp32_predictions(model, ckpt: Path, val_items, task, cfg, tokenizer, device):
     """FP32 (predictions, labels) in validation order and the seconds spent, cached beside the
     checkpoint per validation set, evaluation settings and the code and libraries that evaluate."""
@@ -74,15 +79,13 @@ def fp32_predictions(model, ckpt: Path, val_items, task, cfg, tokenizer, device)
     return torch.tensor(value["prediction"]), torch.tensor(value["label"]), time.perf_counter() - started
 
 
-def ranges_table(qa) -> pd.DataFrame:
+def ranges_table(state: QuantState) -> pd.DataFrame:
     rows = []
-    for site in qa.sites:
-        if site.name not in qa.grids:
-            continue
-        plan, grid = qa.plans[site.name], qa.grids[site.name]
+    for name, site in state.sites.items():
+        plan, grid = site.plan, site.grid
         lo = (-grid.zero_point * grid.scale)
         hi = (grid.qmax - grid.zero_point) * grid.scale
-        rows.append({"site": site.name, "kind": site.kind, "layer": site.layer, "bits": plan.bits,
+        rows.append({"site": name, "kind": site.kind, "layer": site.layer, "bits": plan.bits,
                      "estimator": plan.estimator, "k": plan.k if plan.estimator == "peg" else None,
                      "lo": lo.min().item(), "hi": hi.max().item(), "scale_min": grid.scale.min().item(),
                      "scale_max": grid.scale.max().item()})
@@ -140,22 +143,16 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
             log_statistics(run, stats)
             metrics["stats_seconds_job"] = time.perf_counter() - t0
 
-        sites = find_sites(model)
-        plans = plan_sites(sites, q)
-        weight_grids = quantize_weights_(model, q.weight_bits, q.weight_estimator)
-        metrics["quantized_weight_tensors"] = len(weight_grids)
-        metrics.update({"quantized_activation_sites": len(plans), "train_examples": len(task.train),
-                        "eval_examples": len(task.validation)})
-        qa = None
-        if plans:
+        state = quantize_(model, q, calibration_batches(cfg, tokenizer, task), device)
+        qa = state.activations
+        metrics.update({"quantized_weight_tensors": len(state.weights), "quantized_activation_sites": len(state.sites),
+                        "train_examples": len(task.train), "eval_examples": len(task.validation)})
+        if state.sites:
+            metrics["calibration_seconds"] = state.seconds["calibration"]
+            run.table(ranges_table(state), "activation_ranges.csv")
+        if state.sites or state.weights:
             t0 = time.perf_counter()
-            calib = calibration_items(encode(tokenizer, task.train, cfg.train.max_length), cfg)
-            qa = calibrate(model, sites, plans, list(batches(calib, cfg.calibration.batch_size, pad_id)), device)
-            metrics["calibration_seconds"] = time.perf_counter() - t0
-            run.table(ranges_table(qa), "activation_ranges.csv")
-        if plans or metrics["quantized_weight_tensors"]:
-            t0 = time.perf_counter()
-            with qa.active() if qa else nullcontext():
+            with state.active(model):
                 pred, _ = predictions(model, val_items, cfg.eval.batch_size, pad_id, device,
                                       desc=f"evaluate {q.method}", original_order=True)
             metrics["eval_seconds"] = time.perf_counter() - t0
@@ -167,6 +164,8 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
         run.metrics(metrics)
         with tempfile.TemporaryDirectory() as tmp:  # per example, so any two runs can be compared later
             run.artifact_file(save_predictions(Path(tmp) / PREDICTIONS, pred.numpy(), labels.numpy()))
+            if state.sites or state.weights:
+                run.artifact_file(state.save(Path(tmp) / STATE_FILE), "quant_state")
         log.info("%s accuracy %.2f %% (FP32 %.2f %%, drop %.2f points)", q.method, acc, fp32, fp32 - acc)
 
         fp32_model = models.load_finetuned(ckpt).to(device) if (stats and qa) or cfg.profile.enabled else None
@@ -174,13 +173,14 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
             error_df = None
             if qa is not None:
                 t0 = time.perf_counter()
-                error_df = quantization_error(fp32_model, model, qa, sites, sample_items(val_items, cfg.stats.num_examples),
-                                              pad_id, device, cfg.stats.batch_size)
+                error_df = quantization_error(fp32_model, model, qa, qa.sites,
+                                              sample_items(val_items, cfg.stats.num_examples), pad_id, device,
+                                              cfg.stats.batch_size)
                 log_quantization_error(run, error_df)
                 run.metrics({"error_attribution_seconds": time.perf_counter() - t0})
             log_figures(run, stats, figure_k(cfg), error_df)
         if cfg.profile.enabled:
-            _profile(cfg, run, fp32_model, model, qa, weight_grids, tokenizer, val_items)
+            _profile(cfg, run, fp32_model, model, qa, state.weight_grids, tokenizer, val_items)
         _log_hydra_files(run)
         return acc
 

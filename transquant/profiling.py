@@ -259,39 +259,6 @@ class Candidate:
     probe: tuple[str, Path] | None = None  # (kind, path) for the out-of-process memory probe
 
 
-def _torch_runner(model, batch: dict, device: torch.device, context=None) -> Callable[[], Any]:
-    feeds = {k: v.to(device) for k, v in batch.items()}
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def run():
-        with torch.inference_mode(), (context() if context else _Null()):
-            out = model(**feeds).logits
-        sync()  # so a host clock is valid when GPU and CPU (ORT) candidates are compared
-        return out
-    return run
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _ort_runner(path: Path, threads: int | None, batch: dict) -> Callable[[], Any]:
-    sess = E.ort_session(Path(path), threads)
-    feeds = {i.name: np.ascontiguousarray(batch[i.name].cpu().numpy()) for i in sess.get_inputs()}
-    return lambda: sess.run(None, feeds)
-
-
-def _torch_size(model, path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), str(path))
-    return path.stat().st_size
-
-
 def torch_fp32(model, attention: str):
     """A fresh copy of the FP32 model running the attention kernel users run (``sdpa``, the
     transformers default): the caller's model may have been switched to the Python eager kernel
@@ -314,7 +281,7 @@ def build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, weight_g
     E.require_engine(engine)
     fp32_torch = torch_fp32(fp32_model, str(cfg_profile.get("fp32_attention", "sdpa"))).to(device)
     info: dict[str, Any] = {"engine": engine, "fp32_attention": fp32_torch.config._attn_implementation}
-    cands = {"fp32": Candidate("fp32", lambda: _torch_runner(fp32_torch, batch, device), None)}
+    cands = {"fp32": Candidate("fp32", lambda: E.torch_timing_runner(fp32_torch, batch, device), None)}
 
     fp32_onnx = None
     try:
@@ -324,53 +291,18 @@ def build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, weight_g
     else:
         fp32_onnx = E.export_onnx(fp32_model, sample, workdir / "fp32.onnx")
         peer_path = E.ort_dynamic_int8(fp32_onnx, workdir / "peer_ort_dynamic_int8.onnx")
-        cands["ort_fp32"] = Candidate("ort_fp32", lambda: _ort_runner(fp32_onnx, threads, batch),
+        cands["ort_fp32"] = Candidate("ort_fp32", lambda: E.ort_timing_runner(fp32_onnx, threads, batch),
                                       fp32_onnx.stat().st_size, probe=("onnx", fp32_onnx))
-        cands["peer"] = Candidate("peer", lambda: _ort_runner(peer_path, threads, batch), peer_path.stat().st_size,
-                                  probe=("onnx", peer_path))
+        cands["peer"] = Candidate("peer", lambda: E.ort_timing_runner(peer_path, threads, batch),
+                                  peer_path.stat().st_size, probe=("onnx", peer_path))
         info["peer_path"] = str(peer_path)
 
-    fp32 = cands["fp32"]
-    if engine == "onnxruntime":
-        _, path, report = E.build_onnx_int8(fp32_model, quant_model, qa, weight_grids, sample, workdir, name="engine",
-                                            weight_storage=str(cfg_profile.get("weight_storage", "s8")),
-                                            threads=threads)
-        eng = E.ort_engine("onnxruntime", path, threads, E.input_names(sample), {"report": report})
-        cand = Candidate("engine", lambda: _ort_runner(path, threads, batch), path.stat().st_size, eng,
-                         probe=("onnx", path))
-        fp32.size_bytes = fp32_onnx.stat().st_size
-        info.update(path=str(path), build=report.summary(), site_tensors=report.site_tensors, report=report,
-                    precision=report.precision)
-    elif engine == "torch":
-        n_int8 = len(E.int8_weight_grids(quant_model, weight_grids))
-        path = workdir / "engine_torch_int8.pt"
-        if n_int8:
-            qmodel = E.build_torch_int8(quant_model, weight_grids, path)
-            info["build"] = f"torch dynamic INT8: {n_int8} int8 weight tensors (activations quantized per batch)"
-        else:
-            qmodel = copy.deepcopy(quant_model).cpu().eval()
-            _torch_size(qmodel, path)
-            info["build"] = "torch: no <= 8-bit weights, the model runs in float"
-        eng = E.Engine("torch", path, E.torch_runner(qmodel, E.input_names(sample)), E.input_names(sample))
-        cand = Candidate("engine", lambda: _torch_runner(qmodel, batch, torch.device("cpu")),
-                         path.stat().st_size, eng)
-        fp32.size_bytes = _torch_size(fp32_model, workdir / "fp32_state_dict.pt")
-        info["path"] = str(path)
-    else:  # none: the research model as it runs here (fake quantization in float, no gain)
-        path = workdir / "fake_quant_state_dict.pt"
-        size = _torch_size(quant_model, path)
-        ctx = qa.active if qa is not None else None
-        names = E.input_names(sample)
-
-        def run_fake(feeds):
-            with torch.inference_mode(), (ctx() if ctx else _Null()):
-                return quant_model(**{k: torch.from_numpy(feeds[k]).to(device) for k in names}).logits.float().cpu().numpy()
-
-        eng = E.Engine("none", path, run_fake, names)
-        cand = Candidate("engine", lambda: _torch_runner(quant_model, batch, device, ctx), size, eng)
-        fp32.size_bytes = _torch_size(fp32_model, workdir / "fp32_state_dict.pt")
-        info.update(path=str(path), build="none: fake-quantized float model (simulation, not a deployable INT8 engine)")
-    cands["engine"] = cand
+    job = E.EngineJob(cfg_profile, fp32_model, quant_model, qa, weight_grids, batch, sample, workdir, device,
+                      threads, fp32_onnx)
+    built = E.ENGINES[engine].build(job)
+    cands["fp32"].size_bytes = built.fp32_size_bytes
+    info.update(built.info)
+    cands["engine"] = Candidate("engine", built.load, built.engine.size_bytes, built.engine, probe=built.probe)
     return cands, info
 
 
@@ -401,6 +333,7 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, weight
                                    sample, workdir / "artifacts", device)
     build_s = time.perf_counter() - t0
     fp32, cand = cands["fp32"], cands["engine"]
+    kind = E.ENGINES[info["engine"]]
 
     # Memory: CPU artifacts are probed in a fresh process each (load, then a few inferences);
     # the PyTorch candidates of the torch/none engines, and GPU runs, are measured in-process.
@@ -426,7 +359,7 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, weight
             continue
         load_mem[c.name] = None if before is None or after is None else max(0, after - before) / MB
         infer_mem[c.name] = None
-        torch_on_gpu = c.name == "fp32" or (c.name == "engine" and info["engine"] != "onnxruntime")
+        torch_on_gpu = c.name == "fp32" or (c.name == "engine" and kind.in_torch)
         if device.type == "cuda" and torch_on_gpu:
             memory[c.name], mem_method[c.name] = cuda_peak_growth(fn, mem_reps), "cuda"
         else:
@@ -434,7 +367,7 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, weight
             memory[c.name] = None if infer_mem[c.name] is None else infer_mem[c.name] + (load_mem[c.name] or 0.0)
             mem_method[c.name] = "inprocess-" + m
 
-    timer = timer or timer_for(str(device) if info["engine"] in ("torch", "none") else "cpu")
+    timer = timer or timer_for(str(device) if kind.in_torch else "cpu")
     warmup, iters = int(cfg_profile.get("warmup", 100)), int(cfg_profile.get("iterations", 500))
     t0 = time.perf_counter()
     times = interleaved(runners, warmup, iters, int(cfg_profile.get("block", 10)), timer)

@@ -15,11 +15,9 @@ from tqdm.auto import tqdm
 
 from ..errors import TransquantError
 from .quantizers import Grid, asymmetric_grid, fake_quantize, symmetric_grid
-from .ranges import GroupMinMax, MinMax, Percentile, RangeEstimator, make_groups, mse_absmax
+from .ranges import ESTIMATORS, WEIGHT_ESTIMATORS, RangeEstimator, make_groups
 from .sites import Site, select, tap, use_tappable_attention
 
-ESTIMATORS = ("minmax", "percentile")
-WEIGHT_ESTIMATORS = ("minmax", "mse")
 # PEG groups: each site its own, or one grouping per layer chosen from that layer's FFN output
 # ranges (the authors' --per-groups-permute-shared-h: the shared ranges are those of the
 # quantizer whose module name contains 'dense', i.e. the FFN output 'h').
@@ -32,18 +30,14 @@ class SitePlan:
     """How one site is quantized: bit width and how its range is estimated."""
 
     bits: int
-    estimator: str  # minmax | percentile | peg
+    estimator: str  # a name in ranges.ESTIMATORS (peg: per-embedding-group)
     percentile: float | None = None
     k: int = 1
     grouping: str = "sorted"
     group_source: str | None = None  # PEG: the site whose ranges choose the groups (None: its own)
 
     def make_estimator(self) -> RangeEstimator:
-        if self.estimator == "peg":
-            return GroupMinMax(self.k, self.grouping)
-        if self.estimator == "percentile":
-            return Percentile(self.percentile)
-        return MinMax()
+        return ESTIMATORS[self.estimator].from_plan(self)
 
 
 def peg_grouping(q) -> str:
@@ -98,13 +92,13 @@ def _check_group_sources(sites: list[Site], plans: dict[str, SitePlan]) -> None:
 def quantize_weights_(model: nn.Module, bits: int | None, estimator: str = "minmax") -> dict[str, Grid]:
     """Symmetric per-tensor fake quantization of every Linear and Embedding weight, in place.
 
-    The range is max |w| (``minmax``) or the authors' MSE-optimal range (``mse``,
-    :func:`~transquant.quant.ranges.mse_absmax`). Biases stay float (they become int32
-    accumulators on integer hardware). Returns qualified module name -> the grid its weight was
-    put on (empty for float weights), so an integer engine can reuse exactly those grids.
+    The range comes from the registered weight estimator: max |w| (``minmax``) or the authors'
+    MSE-optimal range (``mse``, :func:`~transquant.quant.ranges.mse_absmax`). Biases stay float
+    (they become int32 accumulators on integer hardware). Returns qualified module name -> the
+    grid its weight was put on (empty for float weights), so an integer engine can reuse exactly
+    those grids.
     """
-    if estimator not in WEIGHT_ESTIMATORS:
-        raise ValueError(f"weight estimator {estimator!r}: allowed {', '.join(WEIGHT_ESTIMATORS)}")
+    weight_range = WEIGHT_ESTIMATORS[estimator]
     grids: dict[str, Grid] = {}
     if bits is None:
         return grids
@@ -112,7 +106,7 @@ def quantize_weights_(model: nn.Module, bits: int | None, estimator: str = "minm
         for name, mod in model.named_modules():
             if isinstance(mod, (nn.Linear, nn.Embedding)):
                 w = mod.weight
-                grids[name] = symmetric_grid(w.abs().max() if estimator == "minmax" else mse_absmax(w, bits), bits)
+                grids[name] = symmetric_grid(weight_range(w, bits), bits)
                 w.copy_(fake_quantize(w, grids[name]))
     return grids
 

@@ -11,8 +11,11 @@ Correctness notes against the seed reproduction (see README "What the anchors go
   and then clamped the minimum to 0.
 - ``GroupMinMax`` always keeps per-channel ranges, so the PEG permutation can never be skipped.
 
-``mse_absmax`` is the other kind: a symmetric *weight* range chosen by minimising the weight
-tensor's quantization error (the 2021 authors' estimator for weights).
+Weight estimators are the other kind: a symmetric *weight* range, max |w| or the one minimising
+the weight tensor's quantization error (``mse_absmax``, the 2021 authors' estimator for weights).
+
+Each kind has a registry (``ESTIMATORS``, ``GROUPINGS``, ``WEIGHT_ESTIMATORS``): a new estimator
+or grouping is one decorated class or function here, selected by its name in ``conf/quant``.
 """
 from __future__ import annotations
 
@@ -21,7 +24,15 @@ import math
 import torch
 from scipy.optimize import minimize_scalar
 
+from ..registry import Registry
 from .quantizers import symmetric_grid
+
+# RangeEstimator subclasses, each made per site by ``from_plan``.
+ESTIMATORS = Registry("quant.estimator")
+# (per-channel lo, per-channel hi, k) -> PEG group id per channel.
+GROUPINGS = Registry("quant.grouping")
+# (weight tensor, bits) -> the symmetric range r of its grid [-r, r].
+WEIGHT_ESTIMATORS = Registry("quant.weight_estimator")
 
 
 class RangeEstimator:
@@ -33,6 +44,12 @@ class RangeEstimator:
 
     passes = 1
 
+    @classmethod
+    def from_plan(cls, plan) -> RangeEstimator:
+        """The estimator of one site's :class:`~transquant.quant.ptq.SitePlan`; override to read
+        the plan's options."""
+        return cls()
+
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -43,6 +60,7 @@ class RangeEstimator:
         raise NotImplementedError
 
 
+@ESTIMATORS.register("minmax")
 class MinMax(RangeEstimator):
     """Global min and max over every calibration value (running min-max)."""
 
@@ -61,6 +79,7 @@ class MinMax(RangeEstimator):
         return torch.tensor(self.lo), torch.tensor(self.hi)
 
 
+@ESTIMATORS.register("percentile")
 class Percentile(RangeEstimator):
     """Exact two-tailed percentile clipping in bounded memory, with two passes.
 
@@ -80,6 +99,10 @@ class Percentile(RangeEstimator):
         self.keep: int | None = None
         self.top = torch.empty(0)
         self.bottom = torch.empty(0)
+
+    @classmethod
+    def from_plan(cls, plan) -> Percentile:
+        return cls(plan.percentile)
 
     def next_pass(self) -> None:
         self.keep = min(self.n, math.ceil((1.0 - self.p / 100.0) * self.n) + 2)
@@ -111,6 +134,7 @@ def _interpolate(tail: torch.Tensor, rank: float) -> torch.Tensor:
     return a + (b - a) * (rank - i)
 
 
+@ESTIMATORS.register("peg", selectable=False)
 class GroupMinMax(RangeEstimator):
     """Per-embedding-group (PEG) ranges: per-channel min/max, then one range per group.
 
@@ -126,6 +150,10 @@ class GroupMinMax(RangeEstimator):
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
         self.groups: torch.Tensor | None = None
+
+    @classmethod
+    def from_plan(cls, plan) -> GroupMinMax:
+        return cls(plan.k, plan.grouping)
 
     def observe(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
@@ -152,44 +180,60 @@ class GroupMinMax(RangeEstimator):
         return glo[self.groups], ghi[self.groups]
 
 
-GROUPINGS = ("contiguous", "sorted", "gap")
-
-
 def make_groups(lo: torch.Tensor, hi: torch.Tensor, k: int, grouping: str) -> torch.Tensor:
-    """Group id per channel.
-
-    - ``contiguous``: K blocks of adjacent channels (no permutation).
-    - ``sorted``: Bondarenko et al.'s permutation — channels sorted by range, cut into K groups of
-      (near-)equal size, so outlier channels share a group.
-    - ``gap``: channels sorted by range, cut at the K-1 largest jumps of log-range, so a handful
-      of outlier channels get groups of their own instead of dragging ~C/K bulk channels along.
-    """
+    """Group id per channel, from the per-channel ranges, by the registered ``grouping``."""
     c = lo.numel()
     if not 1 <= k <= c:
         raise ValueError(f"PEG group count k={k} must be in [1, {c}] (the channel count)")
-    ids = torch.empty(c, dtype=torch.long)
-    if grouping == "contiguous":
-        for g, block in enumerate(torch.arange(c).tensor_split(k)):
-            ids[block] = g
-        return ids
-    width = (hi - lo).clamp(min=0)
-    order = torch.argsort(width, stable=True)
-    if grouping == "sorted":
-        for g, block in enumerate(order.tensor_split(k)):
-            ids[block] = g
-        return ids
-    if grouping == "gap":
-        logw = torch.log(width[order].clamp(min=1e-12))
-        cuts = (logw[1:] - logw[:-1]).topk(k - 1).indices + 1 if k > 1 else torch.empty(0, dtype=torch.long)
-        for g, block in enumerate(order.tensor_split(cuts.sort().values)):
-            ids[block] = g
-        return ids
-    raise ValueError(f"unknown PEG grouping {grouping!r}; allowed: {', '.join(GROUPINGS)}")
+    return GROUPINGS[grouping](lo, hi, k)
+
+
+def _blocks(order: torch.Tensor, cuts) -> torch.Tensor:
+    """Group g = the g-th block of channels in ``order`` split at ``cuts`` (as ``tensor_split``)."""
+    ids = torch.empty(order.numel(), dtype=torch.long)
+    for g, block in enumerate(order.tensor_split(cuts)):
+        ids[block] = g
+    return ids
+
+
+def _by_range(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Channels sorted by range width (stable: ties keep channel order)."""
+    return torch.argsort((hi - lo).clamp(min=0), stable=True)
+
+
+@GROUPINGS.register("contiguous")
+def contiguous(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
+    """K blocks of adjacent channels (no permutation)."""
+    return _blocks(torch.arange(lo.numel()), k)
+
+
+@GROUPINGS.register("sorted")
+def sorted_by_range(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
+    """Bondarenko et al.'s permutation: channels sorted by range, cut into K groups of (near-)equal
+    size, so outlier channels share a group."""
+    return _blocks(_by_range(lo, hi), k)
+
+
+@GROUPINGS.register("gap")
+def gap(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
+    """Channels sorted by range, cut at the K-1 largest jumps of log-range, so a handful of outlier
+    channels get groups of their own instead of dragging ~C/K bulk channels along."""
+    order = _by_range(lo, hi)
+    logw = torch.log((hi - lo).clamp(min=0)[order].clamp(min=1e-12))
+    cuts = (logw[1:] - logw[:-1]).topk(k - 1).indices + 1 if k > 1 else torch.empty(0, dtype=torch.long)
+    return _blocks(order, cuts.sort().values)
 
 
 MSE_RANGE_MARGIN = 0.5  # the authors' range_margin: the search reaches max|w| + 0.5
 
 
+@WEIGHT_ESTIMATORS.register("minmax")
+def absmax(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """max |w|: every weight on the grid, none clipped."""
+    return w.abs().max()
+
+
+@WEIGHT_ESTIMATORS.register("mse")
 def mse_absmax(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric weight range r minimising the quantization error sum (fq(w; r) - w)^2.
 
