@@ -20,7 +20,7 @@ from torch import nn
 
 from . import finetune, models
 from .engine import Engine, build_onnx_int8, input_names, ort_engine, sample_batch
-from .evaluate import predictions
+from .evaluate import percent_correct, predictions
 from .paths import CONF_DIR
 from .pipeline import calibration_batches, prepare
 from .quant.sites import find_sites
@@ -64,7 +64,7 @@ class Job:
             return model.accuracy(self.validation, self.cfg.eval.batch_size, pad)
         with state.active(model) if state is not None else nullcontext():
             pred, true = predictions(model, self.validation, self.cfg.eval.batch_size, pad, self.device)
-        return 100.0 * (pred == true).double().mean().item()
+        return percent_correct(pred, true)
 
     def statistics(self, model: nn.Module) -> ActivationStats:
         """Outlier statistics of an FP32 model on the validation sample (``stats.*``)."""

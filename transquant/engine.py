@@ -85,6 +85,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .evaluate import percent_correct
 from .errors import TransquantError
 from .quant.quantizers import Grid, fake_quantize
 from .quant.sites import find_sites, tap, use_tappable_attention
@@ -200,7 +201,7 @@ class Engine:
 
     def accuracy(self, items: list[dict], batch_size: int, pad_id: int) -> float:
         pred, true = self.predictions(items, batch_size, pad_id)
-        return 100.0 * (pred == true).float().mean().item()
+        return percent_correct(pred, true)
 
 
 def torch_runner(model: nn.Module, names: list[str]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:

@@ -12,6 +12,11 @@ def length_order(items: list[dict]) -> list[int]:
     return sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
 
 
+def percent_correct(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """Accuracy in percent of predicted against true labels."""
+    return 100.0 * (pred == true).double().mean().item()
+
+
 @torch.no_grad()
 def predictions(model: torch.nn.Module, items: list[dict], batch_size: int, pad_id: int,
                 device: torch.device, desc: str = "evaluate",

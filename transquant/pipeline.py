@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from . import cache, config, finetune, models, tracking
 from .errors import TransquantError
-from .evaluate import predictions
+from .evaluate import percent_correct, predictions
 from .figures import log_figures
 from .profiling import profile_stage
 from .provenance import fingerprint
@@ -132,7 +132,7 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
         val_items = encode(tokenizer, task.validation, cfg.train.max_length)
         fp32_pred, labels, metrics["fp32_eval_seconds"] = fp32_predictions(model, ckpt, val_items, task, cfg,
                                                                            tokenizer, device)
-        fp32 = 100.0 * (fp32_pred == labels).double().mean().item()
+        fp32 = percent_correct(fp32_pred, labels)
         log.info("FP32 accuracy %.2f %%", fp32)
 
         stats = None
@@ -158,7 +158,7 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
             metrics["eval_seconds"] = time.perf_counter() - t0
         else:
             pred = fp32_pred
-        acc = 100.0 * (pred == labels).double().mean().item()
+        acc = percent_correct(pred, labels)
         metrics.update({"accuracy": acc, "fp32_accuracy": fp32, "accuracy_drop": fp32 - acc,
                         **job_metrics((pred == labels).numpy(), (fp32_pred == labels).numpy())})
         run.metrics(metrics)
