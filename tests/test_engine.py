@@ -12,7 +12,12 @@ from omegaconf import OmegaConf
 from onnx import TensorProto, numpy_helper
 
 from tests.conftest import random_batches, tiny_bert
-from transquant import engine as E
+from transquant.deploy.build import build_onnx_int8, int8_weight_grids
+from transquant.deploy.engines import build_torch_int8, ort_dynamic_int8, require_engine
+from transquant.deploy.export import export_onnx
+from transquant.deploy.qdq import ActQuant, GraphEditor, quantize_activation
+from transquant.deploy.runtime import (Engine, EngineError, fixed_batch, ort_engine, ort_session, sample_batch,
+                                      torch_runner)
 from transquant.evaluate import predictions
 from transquant.quant.ptq import calibrate, plan_sites, quantize_weights_
 from transquant.quant.sites import find_sites
@@ -68,13 +73,13 @@ def one_thread():
 def build(tmp_path, method: str, storage: str = "u8", **over):
     """(fp32, fake-quant model, qa, engine path, report) of the tiny model."""
     fp32, model, qa, grids = quantized(method, **over)
-    _, path, report = E.build_onnx_int8(fp32, model, qa, grids, E.sample_batch(VAL, pad_id=0), tmp_path,
+    _, path, report = build_onnx_int8(fp32, model, qa, grids, sample_batch(VAL, pad_id=0), tmp_path,
                                         weight_storage=storage, threads=1)
     return fp32, model, qa, path, report
 
 
-def engine_of(path) -> E.Engine:
-    return E.ort_engine("onnxruntime", path, 1, ["input_ids", "attention_mask", "token_type_ids"])
+def engine_of(path) -> Engine:
+    return ort_engine("onnxruntime", path, 1, ["input_ids", "attention_mask", "token_type_ids"])
 
 
 @pytest.mark.parametrize("method,over", [("w8a8", {}), ("mixed", {}), ("peg", {"k": 4}), ("w8a32", {})])
@@ -102,7 +107,7 @@ def test_engine_predictions_match_fake_quant(tmp_path, method, over):
 
 def test_engine_logits_close_to_fake_quant(tmp_path):
     _, model, qa, path, _ = build(tmp_path, "mixed")
-    batch = E.fixed_batch(VAL, 0, 8, 12)
+    batch = fixed_batch(VAL, 0, 8, 12)
     with torch.no_grad(), qa.active():
         ref = model(**batch).logits.numpy()
     got = engine_of(path).logits(batch)
@@ -141,8 +146,8 @@ def test_weights_are_int8_in_the_file(tmp_path):
     """Size accounting: every Linear/Embedding weight is stored as 8-bit integers; the reported
     size is the file's byte count."""
     fp32, model, qa, grids = quantized("w8a8")
-    sample = E.sample_batch(VAL, pad_id=0)
-    fp_path, path, report = E.build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, weight_storage="s8")
+    sample = sample_batch(VAL, pad_id=0)
+    fp_path, path, report = build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, weight_storage="s8")
     n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
     proto = onnx.load(str(path))
     int8_elems = sum(int(np.prod(i.dims)) for i in proto.graph.initializer
@@ -175,13 +180,13 @@ def test_engine_takes_the_weight_grids_it_is_given(tmp_path):
     name = "bert.encoder.layer.0.intermediate.dense"
     w = model.get_submodule(name).weight
     assert float(grids[name].scale) < float(w.detach().abs().max()) / 127  # MSE clips: not the max-abs grid
-    sample = E.sample_batch(VAL, pad_id=0)
-    _, path, report = E.build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, threads=1)
+    sample = sample_batch(VAL, pad_id=0)
+    _, path, report = build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, threads=1)
     assert name in report.int8_weights
     with torch.no_grad():
         w.add_(float(grids[name].scale) / 3)  # off the grid
-    with pytest.raises(E.EngineError, match=f"weight of {name} is not on the grid"):
-        E.build_onnx_int8(fp32, model, qa, grids, sample, tmp_path / "off", threads=1)
+    with pytest.raises(EngineError, match=f"weight of {name} is not on the grid"):
+        build_onnx_int8(fp32, model, qa, grids, sample, tmp_path / "off", threads=1)
 
 
 def test_int8_weight_grids_keeps_only_8_bit_grids():
@@ -190,30 +195,30 @@ def test_int8_weight_grids_keeps_only_8_bit_grids():
     model = tiny_bert()
     grids = quantize_weights_(model, 8)
     grids["classifier"] = symmetric_grid(torch.tensor(1.0), 16)  # a 16-bit grid stays float
-    kept = E.int8_weight_grids(model, grids)
+    kept = int8_weight_grids(model, grids)
     assert "classifier" not in kept and len(kept) == len(grids) - 1
 
 
 def test_missing_engine_is_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
-    with pytest.raises(E.EngineError) as err:
-        E.require_engine("onnxruntime")
+    with pytest.raises(EngineError) as err:
+        require_engine("onnxruntime")
     msg = str(err.value)
     assert "\n" not in msg and "pip install onnxruntime" in msg and "profile.engine=none" in msg
-    with pytest.raises(E.EngineError, match="allowed onnxruntime, torch, none"):
-        E.require_engine("tensorrt")
-    E.require_engine("none")
+    with pytest.raises(EngineError, match="allowed onnxruntime, torch, none"):
+        require_engine("tensorrt")
+    require_engine("none")
 
 
 def test_torch_engine_uses_our_int8_weights(tmp_path):
     _, model, _, grids = quantized("w8a8")
-    q = E.build_torch_int8(model, grids, tmp_path / "m.pt")
+    q = build_torch_int8(model, grids, tmp_path / "m.pt")
     dense = q.bert.encoder.layer[0].intermediate.dense
     w = dense.weight()
     ref = model.bert.encoder.layer[0].intermediate.dense.weight.detach()
     torch.testing.assert_close(w.dequantize(), ref, rtol=0, atol=1e-7)
     assert (tmp_path / "m.pt").stat().st_size > 0
-    eng = E.Engine("torch", tmp_path / "m.pt", E.torch_runner(q, ["input_ids", "attention_mask", "token_type_ids"]),
+    eng = Engine("torch", tmp_path / "m.pt", torch_runner(q, ["input_ids", "attention_mask", "token_type_ids"]),
                    ["input_ids", "attention_mask", "token_type_ids"])
     assert 0.0 <= eng.accuracy(VAL, 16, 0) <= 100.0
 
@@ -232,11 +237,11 @@ def test_per_channel_quantizer_breaks_ties_like_the_fake_quantizer():
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    G = E._Graph(proto)
-    codes = E.quantize_activation(G, "h", E.ActQuant.from_grid(grid, rank=2))
+    G = GraphEditor(proto)
+    codes = quantize_activation(G, "h", ActQuant.from_grid(grid, rank=2))
     G.finish()
     proto.graph.output.append(helper.make_tensor_value_info(codes, TensorProto.FLOAT, None))
-    got = E.ort_session(proto.SerializeToString(), 1, optimize=False).run([codes], {"x": x})[0]
+    got = ort_session(proto.SerializeToString(), 1, optimize=False).run([codes], {"x": x})[0]
     np.testing.assert_array_equal(got, quantize(torch.from_numpy(x), grid).numpy())
 
 
@@ -250,8 +255,8 @@ def test_peer_build_leaves_logging_as_it_was(tmp_path):
     before = root.level
     root.setLevel(logging.INFO)
     try:
-        path = E.export_onnx(fp32, E.sample_batch(VAL, pad_id=0), tmp_path / "fp32.onnx")
-        E.ort_dynamic_int8(path, tmp_path / "peer.onnx")
+        path = export_onnx(fp32, sample_batch(VAL, pad_id=0), tmp_path / "fp32.onnx")
+        ort_dynamic_int8(path, tmp_path / "peer.onnx")
         assert root.level == logging.INFO
     finally:
         root.setLevel(before)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from tests.test_engine import VAL, build, engine_of, one_thread, quant_cfg  # noqa: F401 (fixture)
-from transquant import engine as E
-from transquant import engine_check as C
+from transquant.deploy import build as B
+from transquant.deploy.runtime import EngineError, fixed_batch, sample_batch
+from transquant.deploy.verify import MIN_CODE_AGREEMENT, code_agreement
 from transquant.evaluate import predictions
 from transquant.run import CONF_DIR
 
@@ -40,7 +41,7 @@ def test_every_configured_method_builds_a_valid_engine(tmp_path, method, over):
     onnx.checker.check_model(onnx.load(str(path)))
     q = quant_cfg(method, **over)
     if qa is not None:
-        assert report.code_agreement >= C.MIN_CODE_AGREEMENT
+        assert report.code_agreement >= MIN_CODE_AGREEMENT
     if q.weight_bits is not None and q.act_bits is not None:
         assert report.int_matmuls >= 4  # at least the attention products and the head
     if q.peg_sites:
@@ -62,8 +63,8 @@ def test_every_weight_product_is_integer(tmp_path):
 
 def test_a_weight_matmul_left_float_fails_the_build(tmp_path, monkeypatch):
     """Without our integer rewrite ORT leaves DQ -> MatMul -> Add float: the build refuses."""
-    monkeypatch.setattr(E, "fuse_for_cpu", lambda proto: {})
-    with pytest.raises(E.EngineError, match=r"weight MatMul\(s\) with 8-bit inputs run in float"):
+    monkeypatch.setattr(B, "fuse_for_cpu", lambda proto: {})
+    with pytest.raises(EngineError, match=r"weight MatMul\(s\) with 8-bit inputs run in float"):
         build(tmp_path, "w8a8")
 
 
@@ -81,7 +82,7 @@ def test_weight_only_engine_keeps_float_activations(tmp_path):
     so its logits are the fake-quant model's to float rounding."""
     _, model, _, path, report = build(tmp_path, "w8a32")
     assert report.precision == "W8A32" and report.int_matmuls == 0
-    batch = E.fixed_batch(VAL, 0, 8, 12)
+    batch = fixed_batch(VAL, 0, 8, 12)
     with torch.no_grad():
         ref = model(**batch).logits.numpy()
     np.testing.assert_allclose(engine_of(path).logits(batch), ref, rtol=0, atol=1e-4)
@@ -94,5 +95,5 @@ def test_code_agreement_refuses_a_wrong_grid(tmp_path):
     site = "layer.0.ffn.output"
     g = qa.grids[site]
     qa.grids[site] = type(g)(g.scale * 1.02, g.zero_point, g.qmin, g.qmax)
-    with pytest.raises(E.EngineError, match=f"site {site}"):
-        C.code_agreement(model, qa, path, report.site_codes, E.sample_batch(VAL, pad_id=0), 1)
+    with pytest.raises(EngineError, match=f"site {site}"):
+        code_agreement(model, qa, path, report.site_codes, sample_batch(VAL, pad_id=0), 1)

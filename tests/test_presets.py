@@ -8,7 +8,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from transquant.config import validate
 from transquant.errors import TransquantError
 from transquant.run import CONF_DIR
-from transquant.study import method_label, quant_params
+from transquant.studies.labels import method_label, quant_params
 from transquant.tracking import flatten
 
 from .conftest import TINY

@@ -8,7 +8,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.test_engine import VAL, one_thread, quantized  # noqa: F401 (fixture)
-from transquant import profiling as P
+from transquant.deploy import profiling as P
+from transquant.deploy.build import build_onnx_int8
+from transquant.deploy.memory import peak_rss_growth
+from transquant.deploy.runtime import EngineError, fixed_batch, sample_batch
+from transquant.deploy.timing import CpuTimer, LatencyStats, interleaved
 from transquant.run import CONF_DIR
 
 
@@ -30,9 +34,9 @@ class StubClock:
 
 def test_stats_from_stub_timer():
     durations = [float(x) for x in range(1, 101)]  # 1 .. 100 ms
-    timer = P.CpuTimer(clock=StubClock(durations))
+    timer = CpuTimer(clock=StubClock(durations))
     measured = [timer.time(lambda: None) for _ in durations]
-    s = P.LatencyStats.from_ns(measured, batch_size=8)
+    s = LatencyStats.from_ns(measured, batch_size=8)
     assert s.n == 100
     assert s.p50_ms == pytest.approx(50.5)
     assert s.p95_ms == pytest.approx(95.05)  # linear interpolation between 95 and 96
@@ -49,7 +53,7 @@ def test_interleaved_round_robin_in_blocks():
             return 1_000_000
 
     runners = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
-    times = P.interleaved(runners, warmup=3, iterations=5, block=2, timer=CountingTimer())
+    times = interleaved(runners, warmup=3, iterations=5, block=2, timer=CountingTimer())
     assert {k: len(v) for k, v in times.items()} == {"a": 5, "b": 5, "c": 5}
     timed = calls[9:]  # 3 warm-up calls each first
     assert calls[:9] == ["a", "a", "b", "b", "c", "c", "a", "b", "c"]
@@ -61,7 +65,7 @@ def test_peak_rss_growth_sees_an_allocation():
         x = np.ones(48 * 1024 * 1024 // 8)  # 48 MB, touched
         return float(x.sum())
 
-    grown, method = P.peak_rss_growth(alloc, repeats=1)
+    grown, method = peak_rss_growth(alloc, repeats=1)
     assert method in ("vmhwm", "sampled")
     assert grown >= 40.0
 
@@ -137,12 +141,10 @@ def test_profile_stage_stub_timer_gives_exact_ratio(tmp_path):
 
 def test_memory_probe_in_fresh_process(tmp_path):
     """The default CPU memory measurement: a child process loads the .onnx and runs it."""
-    from transquant import engine as E
-
     fp32, model, qa, grids = quantized("w8a8")
-    sample = E.sample_batch(VAL, pad_id=0)
-    _, path, _ = E.build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, threads=1)
-    got = P.memory_in_subprocess("onnx", path, E.fixed_batch(VAL, 0, 2, 16), 1, 2, tmp_path)
+    sample = sample_batch(VAL, pad_id=0)
+    _, path, _ = build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, threads=1)
+    got = P.memory_in_subprocess("onnx", path, fixed_batch(VAL, 0, 2, 16), 1, 2, tmp_path)
     assert got is not None and got["method"] in ("vmhwm", "sampled")
     assert got["peak_mb"] >= got["load_mb"] >= 0 and got["peak_mb"] > 0
     assert got["inference_mb"] == pytest.approx(got["peak_mb"] - got["load_mb"])
@@ -166,7 +168,7 @@ def test_fp32_baseline_is_a_fresh_sdpa_copy(tmp_path):
 
 def test_unknown_fp32_attention_is_one_line_error():
     fp32, *_ = quantized("fp32")
-    with pytest.raises(P.E.EngineError, match="profile.fp32_attention=nope") as err:
+    with pytest.raises(EngineError, match="profile.fp32_attention=nope") as err:
         P.torch_fp32(fp32, "nope")
     assert "\n" not in str(err.value)
 
@@ -175,7 +177,7 @@ def test_bench_base_reports_every_baseline(monkeypatch):
     """bench_base goes through the same stage: torch FP32 (sdpa), ORT FP32, the peer, the engine."""
     from transformers import BertConfig
 
-    from transquant.bench_base import bench
+    from transquant.deploy.bench import bench
 
     monkeypatch.setattr(P, "memory_in_subprocess", lambda *a, **k: None)  # in-process memory: faster
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

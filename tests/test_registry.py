@@ -3,8 +3,9 @@ the pipeline uses it, and an unknown name's error lists what is registered."""
 import pytest
 import torch
 
-from transquant import engine as E
 from transquant.config import validate
+from transquant.deploy.engines import ENGINES, EngineKind, require_engine
+from transquant.deploy.runtime import EngineError
 from transquant.errors import TransquantError
 from transquant.quant.ptq import calibrate, plan_sites, quantize_weights_
 from transquant.quant.quantizers import asymmetric_grid
@@ -82,14 +83,14 @@ def test_registered_weight_estimator_sets_the_weight_grids(make_cfg, monkeypatch
 
 
 def test_registered_engine_is_accepted_and_checks_its_packages(make_cfg, monkeypatch):
-    @scoped(monkeypatch, E.ENGINES).register("exotic")
-    class Exotic(E.EngineKind):
+    @scoped(monkeypatch, ENGINES).register("exotic")
+    class Exotic(EngineKind):
         packages = (("transquant_no_such_runtime", "exotic-runtime"),)
 
     validate(make_cfg("profile.engine=exotic"))
-    with pytest.raises(E.EngineError, match=r"profile.engine=exotic: the 'transquant_no_such_runtime' package is "
+    with pytest.raises(EngineError, match=r"profile.engine=exotic: the 'transquant_no_such_runtime' package is "
                                             r"not installed \(pip install exotic-runtime\)"):
-        E.require_engine("exotic")
+        require_engine("exotic")
 
 
 def test_unknown_name_in_code_lists_what_is_registered():

@@ -14,11 +14,16 @@ from hydra import compose, initialize_config_dir
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from transquant import report as rp
-from transquant import significance as S
 from transquant.run import CONF_DIR
-from transquant.study import (aggregate, best_mask, method_defaults, method_label, pareto_mask, paired_deltas,
-                              parse_param, quant_params, records_frame, run_record, seed_summary, slug)
+from transquant.studies import report as rp
+from transquant.studies import significance as S
+from transquant.studies.compare import compare
+from transquant.studies.labels import method_defaults, method_label, parse_param, quant_params, slug
+from transquant.studies.pareto import best_mask, pareto_mask
+from transquant.studies.queries import ReportError, children_frame
+from transquant.studies.runs import records_frame, run_record
+from transquant.studies.seeds import aggregate, paired_deltas, seed_summary
+from transquant.studies.tables import table_accuracy
 from transquant.tracking import flatten
 
 SEEDS = (1000, 1001, 1002)
@@ -68,7 +73,7 @@ def test_run_record_derives_missing_fp32_accuracy():
     assert run_record("r", {"quant.method": "w8a8"}, {"accuracy": 60.0, "fp32_accuracy": 1.0, "accuracy_drop": 2.0},
                       {})["fp32_accuracy"] == 1.0  # a logged value is never replaced
     df = records_frame([run_record("a", {"quant.method": "w8a8", "train.seed": "1"}, {"accuracy": 60.0}, {})])
-    t = rp.table_accuracy(df)  # no drop and no FP32 metric at all: the table still builds
+    t = table_accuracy(df)  # no drop and no FP32 metric at all: the table still builds
     assert t.iloc[0]["accuracy_median"] == 60.0 and math.isnan(t.iloc[0]["drop_median"])
 
 
@@ -103,7 +108,7 @@ def test_pareto_mask():
 
 def test_params_round_trip_and_labels_of_every_method_preset():
     """Each conf/method file composes, logs like the pipeline (flatten) and gets a distinct label."""
-    methods = sorted(p.stem for p in (rp.Path(CONF_DIR) / "method").glob("*.yaml"))
+    methods = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
     assert len(methods) == 25  # 21 of the 2026 study + 4 exact paper presets
     labels = {}
     with initialize_config_dir(config_dir=CONF_DIR):
@@ -317,15 +322,15 @@ def test_report_marks_significance_and_per_seed_intervals(synthetic, tmp_path):
 
 def test_compare_two_methods_from_stored_predictions(synthetic, capsys):
     client = synthetic["client"]
-    df = rp.children_frame(client, [synthetic["paper"]])
-    t = rp.compare(client, "W8A8", "FP32", df)
+    df = children_frame(client, [synthetic["paper"]])
+    t = compare(client, "W8A8", "FP32", df)
     assert list(t["seed"]) == ["1000", "1001", "1002"] and list(t["examples"]) == [N_VAL] * 3
     assert list(t["difference"]) == pytest.approx([-40.0, -31.0, -40.0])
     assert list(t["only_a"]) == [0, 0, 0] and list(t["only_b"]) == [80, 62, 80]
     assert list(t["mcnemar_p"]) == pytest.approx([2 * 0.5 ** 80, 2 * 0.5 ** 62, 2 * 0.5 ** 80])
     assert (t["difference_ci_high"] < 0).all() and t["significant"].all()
-    with pytest.raises(rp.ReportError, match="no predictions.npz"):
-        rp.compare(client, "PEG K=4 sorted", "FP32", df)
+    with pytest.raises(ReportError, match="no predictions.npz"):
+        compare(client, "PEG K=4 sorted", "FP32", df)
 
     by_id = df.set_index(["label", "seed"])["run_id"]
     w, f = by_id[("W8A8", 1002)], by_id[("FP32", 1002)]

@@ -10,9 +10,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from scipy.special import comb
 
-from transquant import report as rp
-from transquant import significance as S
 from transquant.evaluate import length_order, predictions
+from transquant.studies import report as rp
+from transquant.studies import significance as S
+from transquant.studies.compare import compare
 
 from .conftest import run_cli, tiny_bert
 
@@ -160,7 +161,7 @@ def test_jobs_log_intervals_predictions_and_compare(tmp_path, capsys):
 
     # The report's comparison from the stored predictions agrees with what the job logged.
     w, f = jobs["w8a8"].info.run_id, jobs["fp32"].info.run_id
-    t = rp.compare(client, f, w)
+    t = compare(client, f, w)
     assert t.iloc[0]["difference"] == pytest.approx(jobs["w8a8"].data.metrics["accuracy_drop"])
     assert t.iloc[0]["mcnemar_p"] == pytest.approx(jobs["w8a8"].data.metrics["mcnemar_p"])
     parent = next(r for r in runs if r.data.tags.get("transquant.role") == "sweep").info.run_id

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import (ElectraConfig, ElectraForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
-                          RobertaConfig, RobertaForSequenceClassification)
+from transformers import (ElectraConfig, ElectraForSequenceClassification, RobertaConfig,
+                          RobertaForSequenceClassification)
 
 from transquant.quant.ptq import calibrate, plan_sites
 from transquant.quant.sites import ArchitectureError, find_sites, select, tap, unmatched, use_tappable_attention
@@ -69,12 +69,6 @@ def test_roberta_is_supported():
     model = RobertaForSequenceClassification(RobertaConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100))
     assert len(find_sites(model)) == 2 + 13 * 2 + 0 + 1  # RoBERTa's head has no pooler
-
-
-def test_unsupported_architecture_names_what_is_missing():
-    model = GPT2ForSequenceClassification(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100))
-    with pytest.raises(ArchitectureError, match="encoder.layer"):
-        find_sites(model)
 
 
 def test_unmatched_patterns_are_reported():

@@ -14,7 +14,7 @@ from transquant.paths import CONF_PATH
 from transquant.pipeline import run_job
 from transquant.quant.quantizers import fake_quantize
 from transquant.quant.state import STATE_FILE, QuantState, quantize_
-from transquant.significance import PREDICTIONS, load_predictions
+from transquant.studies.significance import PREDICTIONS, load_predictions
 
 from .conftest import random_batches, tiny_bert
 

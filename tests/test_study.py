@@ -17,11 +17,13 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.tracking import MlflowClient
 
-from transquant import report as rp
-from transquant import significance as S
 from transquant.config import validate
 from transquant.run import CONF_DIR
-from transquant.study import method_label, quant_params, records_frame, run_record
+from transquant.studies import report as rp
+from transquant.studies import significance as S
+from transquant.studies.labels import method_label, quant_params
+from transquant.studies.queries import children
+from transquant.studies.runs import records_frame, run_record
 from transquant.tracking import flatten
 
 from .conftest import run_cli
@@ -152,7 +154,7 @@ def test_optuna_search_shared_storage(tmp_path, cache_dir):
     for p in parents:
         assert p.info.status == "FINISHED" and p.data.tags["transquant.study"] == "peg"
         assert p.data.tags["transquant.optuna_study"] == "test-peg" and p.data.tags["transquant.optuna_storage"] == "sqlite"
-        kids = rp.children(client, [p.info.run_id])  # a repeated trial is a reused run (resume=true)
+        kids = children(client, [p.info.run_id])  # a repeated trial is a reused run (resume=true)
         assert len(kids) == 2 and all(k.data.params["quant.method"] == "peg" for k in kids)
         kids = [client.get_run(k.info.run_id) for k in kids]
         best = [k for k in kids if k.data.tags.get("transquant.best") == "true"]
@@ -172,7 +174,7 @@ def test_pareto_search(tmp_path, cache_dir):
     assert results["solutions"] and all(len(s["values"]) == 2 for s in results["solutions"])
     client, parents, runs = _runs(uri)
     assert len(parents) == 1 and parents[0].data.tags["transquant.objectives"] == "accuracy,high_precision_sites"
-    kids = [client.get_run(k.info.run_id) for k in rp.children(client, [parents[0].info.run_id])]
+    kids = [client.get_run(k.info.run_id) for k in children(client, [parents[0].info.run_id])]
     assert len(kids) == 2
     for k in kids:
         m = k.data.metrics
@@ -196,7 +198,7 @@ def test_pareto_search(tmp_path, cache_dir):
 ])
 def test_site_counts(overrides, expected):
     """The cost objective of the Pareto search (peg, high-bit, float, high-precision sites)."""
-    from transquant.search import site_counts
+    from transquant.studies.search import site_counts
 
     with initialize_config_dir(config_dir=CONF_DIR):
         cfg = compose(config_name="config", overrides=["model=tiny", "task=synthetic", *overrides])

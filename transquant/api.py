@@ -19,7 +19,8 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from . import finetune, models
-from .engine import Engine, build_onnx_int8, input_names, ort_engine, sample_batch
+from .deploy.build import build_onnx_int8
+from .deploy.runtime import Engine, input_names, ort_engine, sample_batch
 from .evaluate import percent_correct, predictions
 from .paths import CONF_DIR
 from .pipeline import calibration_batches, prepare

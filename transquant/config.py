@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
+from transformers import AutoModelForSequenceClassification
 
 from . import models
-from .engine import ENGINES
+from .deploy.engines import ENGINES
 from .errors import TransquantError
 from .quant.ptq import SHARE_GROUPS, plan_sites
 from .quant.ranges import ESTIMATORS, GROUPINGS, WEIGHT_ESTIMATORS
@@ -106,13 +106,8 @@ def validate_static(cfg: DictConfig) -> None:
 
 def skeleton(model_cfg) -> torch.nn.Module:
     """The model's module tree without weights (meta device): sites without loading anything."""
-    kind, loc = models.resolve_source(model_cfg)
-    if kind == "random":
-        conf = BertConfig(**dict(model_cfg.random_config), num_labels=2)
-    else:
-        if kind == "local":
-            models.check_local_checkpoint(loc)
-        conf = AutoConfig.from_pretrained(loc, num_labels=2)
+    _, loc = models.resolve_source(model_cfg)
+    conf = models.model_config(model_cfg)
     try:
         with torch.device("meta"):
             return AutoModelForSequenceClassification.from_config(conf)

@@ -15,7 +15,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 LIBRARIES = ("torch", "transformers", "onnxruntime", "onnx")
 
 # Modules whose code decides a fine-tuned checkpoint's weights.
-FINETUNE_MODULES = ("transquant.finetune", "transquant.models", "transquant.tasks")
+FINETUNE_MODULES = ("transquant.finetune", "transquant.models.loading", "transquant.tasks")
 
 
 def _files(modules: tuple[str, ...] | None) -> list[Path]:

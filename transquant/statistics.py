@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from . import cache, provenance
+from .models.adapters import ADAPTER_MODULES
 from .quant.quantizers import fake_quantize
 from .quant.ptq import TokenMask, token_values
 from .quant.sites import RESIDUAL_KINDS, Site, find_sites, tap, use_tappable_attention
@@ -667,8 +668,8 @@ def _sync(device) -> None:
 
 
 # The modules whose code decides the FP32 statistics (token masks, site taps, batching, loading).
-STATS_MODULES = ("transquant.statistics", "transquant.quant.ptq", "transquant.quant.sites", "transquant.tasks",
-                 "transquant.models")
+STATS_MODULES = ("transquant.statistics", "transquant.quant.ptq", "transquant.quant.sites", *ADAPTER_MODULES,
+                 "transquant.tasks", "transquant.models.loading")
 
 
 def stats_cache_path(cache_dir: str | Path, checkpoint: str | dict, fingerprint: str, num_examples: int | None,

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import TransquantError
 from .quantizers import Grid, asymmetric_grid, fake_quantize, symmetric_grid
@@ -23,6 +24,8 @@ from .sites import Site, select, tap, use_tappable_attention
 # quantizer whose module name contains 'dense', i.e. the FFN output 'h').
 SHARE_GROUPS = ("none", "layer")
 SHARED_GROUP_SOURCE = "ffn.output"
+# Modules whose weight is quantized (Conv1D: GPT-2's Linear, weight stored transposed).
+WEIGHT_MODULES = (nn.Linear, Conv1D, nn.Embedding)
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ def _check_group_sources(sites: list[Site], plans: dict[str, SitePlan]) -> None:
 
 
 def quantize_weights_(model: nn.Module, bits: int | None, estimator: str = "minmax") -> dict[str, Grid]:
-    """Symmetric per-tensor fake quantization of every Linear and Embedding weight, in place.
+    """Symmetric per-tensor fake quantization of every Linear, Conv1D (GPT-2's transposed Linear)
+    and Embedding weight, in place.
 
     The range comes from the registered weight estimator: max |w| (``minmax``) or the authors'
     MSE-optimal range (``mse``, :func:`~transquant.quant.ranges.mse_absmax`). Biases stay float
@@ -104,26 +108,30 @@ def quantize_weights_(model: nn.Module, bits: int | None, estimator: str = "minm
         return grids
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if isinstance(mod, (nn.Linear, nn.Embedding)):
+            if isinstance(mod, WEIGHT_MODULES):
                 w = mod.weight
                 grids[name] = symmetric_grid(weight_range(w, bits), bits)
                 w.copy_(fake_quantize(w, grids[name]))
     return grids
 
 
-def token_values(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def token_values(x: torch.Tensor, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
     """Values at real tokens only.
 
     [batch, tokens, channels] tensors give ``x[mask]``; attention scores and probabilities
     ([batch, heads, queries, keys]) give the entries whose query *and* key are real tokens (a
-    pad key has probability ~0 and a pad query attends anyway: neither may set a range); other
+    pad key has probability ~0 and a pad query attends anyway: neither may set a range), and
+    with ``causal`` only keys up to the query (a later key is masked out, never attended); other
     tensors (pooler, logits: one row per sequence) are returned whole.
     """
     if mask is None:
         return x
     batch, tokens = mask.shape
     if x.dim() == 4 and x.shape[0] == batch and tuple(x.shape[2:]) == (tokens, tokens):
-        return x[(mask[:, None, :, None] & mask[:, None, None, :]).expand_as(x)]
+        keep = mask[:, None, :, None] & mask[:, None, None, :]
+        if causal:
+            keep = keep & torch.ones(tokens, tokens, dtype=torch.bool, device=mask.device).tril()
+        return x[keep.expand_as(x)]
     if x.dim() == 3 and tuple(x.shape[:2]) == (batch, tokens):
         return x[mask]
     return x
@@ -165,7 +173,7 @@ def calibrate(model: nn.Module, sites: list[Site], plans: dict[str, SitePlan],
     def observe(site: Site, x: torch.Tensor) -> torch.Tensor:
         est = estimators.get(site.name)
         if est is not None:
-            est.observe(token_values(x, token_mask.mask))
+            est.observe(token_values(x, token_mask.mask, site.causal))
         return x
 
     model.eval()

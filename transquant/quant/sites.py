@@ -1,10 +1,9 @@
 """Quantization sites: the named places where an activation is observed or quantized.
 
-Sites are found from the module tree of any BERT-family encoder (BERT, RoBERTa, ELECTRA,
-MiniLM … — every model whose layers are ``attention.self.{query,key,value}``,
-``attention.output.{dense,LayerNorm}``, ``intermediate``, ``output.{dense,LayerNorm}``).
-The residual sums are taken as the *inputs* of each LayerNorm, which is exactly the tensor a
-post-LN encoder adds up and normalises, so no model code is copied or patched.
+Which module holds which tensor depends on the transformer family; the adapters in
+:mod:`transquant.models.adapters` map each family's module tree to the same site names and
+kinds (``layer.3.ffn.residual``, ``embeddings.sum`` …), so configs and metrics read the same for
+every model. Sites are reached with forward hooks, so no model code is copied or patched.
 
 Attention scores and probabilities are not module outputs; they are reached through a
 registered attention implementation (``transquant_eager``) — the eager kernel with two taps.
@@ -22,46 +21,41 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.utils import ModelOutput
 
 ATTN_IMPLEMENTATION = "transquant_eager"
 
-# kind -> (path inside a layer or the model, hook side). "input" taps a module's first input.
-LAYER_SITES = {
-    "query": ("attention.self.query", "output"),
-    "key": ("attention.self.key", "output"),
-    "value": ("attention.self.value", "output"),
-    "attn_scores": ("attention.self", "scores"),
-    "attn_probs": ("attention.self", "probs"),
-    "context": ("attention.output.dense", "input"),
-    "attn_output": ("attention.output.dense", "output"),
-    "attn_residual": ("attention.output.LayerNorm", "input"),
-    "attn_norm": ("attention.output.LayerNorm", "output"),
-    "ffn_intermediate": ("intermediate", "output"),
-    "ffn_output": ("output.dense", "output"),
-    "ffn_residual": ("output.LayerNorm", "input"),
-    "ffn_norm": ("output.LayerNorm", "output"),
-}
-# Site name suffix inside a layer, e.g. layer.3.ffn.residual.
+# Site name suffix inside a layer, e.g. layer.3.ffn.residual. ``qkv`` is a fused projection
+# (GPT-2's c_attn: query, key and value side by side in one tensor).
 LAYER_SITE_NAMES = {
-    "query": "attn.query", "key": "attn.key", "value": "attn.value",
-    "attn_scores": "attn.scores", "attn_probs": "attn.probs", "context": "attn.context",
-    "attn_output": "attn.output", "attn_residual": "attn.residual", "attn_norm": "attn.norm",
-    "ffn_intermediate": "ffn.intermediate", "ffn_output": "ffn.output",
-    "ffn_residual": "ffn.residual", "ffn_norm": "ffn.norm",
+    "attn_norm": "attn.norm", "query": "attn.query", "key": "attn.key", "value": "attn.value",
+    "qkv": "attn.qkv", "attn_scores": "attn.scores", "attn_probs": "attn.probs", "context": "attn.context",
+    "attn_output": "attn.output", "attn_residual": "attn.residual", "ffn_norm": "ffn.norm",
+    "ffn_intermediate": "ffn.intermediate", "ffn_output": "ffn.output", "ffn_residual": "ffn.residual",
 }
-SITE_KINDS = ("embedding_sum", "embedding_norm", *LAYER_SITES, "pooler", "logits")
+# Names of the sites outside the layers.
+OUTER_SITE_NAMES = {"embedding_sum": "embeddings.sum", "embedding_norm": "embeddings.norm",
+                    "final_norm": "final.norm", "pooler": "pooler", "logits": "logits"}
+SITE_KINDS = (*LAYER_SITE_NAMES, *OUTER_SITE_NAMES)
 RESIDUAL_KINDS = ("embedding_sum", "attn_residual", "ffn_residual")
+ATTENTION_KINDS = ("attn_scores", "attn_probs")
 
 
 class ArchitectureError(ValueError):
-    """The model's module tree does not look like a BERT-family encoder."""
+    """No registered adapter maps the model's module tree to sites."""
 
 
 @dataclass
 class Site:
     """One tap point. ``channels`` is the width of the last dimension, from the site's own
-    module, for token-wise tensors ([batch, tokens, channels]) and the pooler; None for
-    attention scores/probabilities and the logits."""
+    module (or, for one without a width such as a whole block, from a module beside it), for
+    token-wise tensors ([batch, tokens, channels]) and the pooler; None for attention
+    scores/probabilities and the logits.
+
+    ``causal``: attention scores/probabilities of causal attention (query i never attends to
+    key j > i). ``tokens_from``: the module whose first input is [batch, tokens, ...] when this
+    site's tensor arrives flattened to [batch * tokens, channels] (OPT's FFN); taps see it as
+    [batch, tokens, channels] like every other token-wise site."""
 
     name: str
     kind: str
@@ -69,66 +63,17 @@ class Site:
     module: nn.Module = field(repr=False)
     side: str
     channels: int | None
-
-
-def _get(root: nn.Module, path: str) -> nn.Module | None:
-    mod = root
-    for part in path.split("."):
-        mod = getattr(mod, part, None)
-        if mod is None:
-            return None
-    return mod
-
-
-def _find_encoder(model: nn.Module) -> tuple[str, nn.Module, nn.ModuleList]:
-    """The base model (the one with ``embeddings``) and its list of transformer layers."""
-    for name, mod in model.named_modules():
-        layers = _get(mod, "encoder.layer")
-        if hasattr(mod, "embeddings") and isinstance(layers, nn.ModuleList):
-            return name, mod, layers
-    raise ArchitectureError(
-        f"{type(model).__name__}: no BERT-family encoder found (need a submodule with "
-        "'embeddings' and 'encoder.layer' as a ModuleList)")
+    causal: bool = False
+    tokens_from: nn.Module | None = field(default=None, repr=False)
 
 
 def find_sites(model: nn.Module) -> list[Site]:
-    """All sites of a BERT-family sequence classifier, in forward order.
+    """All sites of a sequence classifier, in forward order, from its family's adapter.
 
-    Each site's width comes from its own module (a LayerNorm's normalized shape, a Linear's
-    in/out features): ELECTRA's embeddings are narrower than its layers."""
-    _, base, layers = _find_encoder(model)
-    emb_norm = _get(base, "embeddings.LayerNorm")
-    if emb_norm is None:
-        raise ArchitectureError(f"{type(model).__name__}: missing embeddings.LayerNorm")
-    sites = [Site("embeddings.sum", "embedding_sum", None, emb_norm, "input", _width(emb_norm, "input")),
-             Site("embeddings.norm", "embedding_norm", None, emb_norm, "output", _width(emb_norm, "output"))]
-    for i, layer in enumerate(layers):
-        missing = [p for p, _ in LAYER_SITES.values() if _get(layer, p) is None]
-        if missing:
-            raise ArchitectureError(
-                f"{type(model).__name__} layer {i}: missing {', '.join(sorted(set(missing)))} "
-                f"(expected the BERT layout {', '.join(sorted({p for p, _ in LAYER_SITES.values()}))})")
-        for kind, (path, side) in LAYER_SITES.items():
-            mod = _get(layer, path)
-            sites.append(Site(f"layer.{i}.{LAYER_SITE_NAMES[kind]}", kind, i, mod, side, _width(mod, side)))
-    pooler = _get(base, "pooler")
-    if pooler is not None:
-        sites.append(Site("pooler", "pooler", None, pooler, "output", _width(pooler, "output")))
-    head = getattr(model, "classifier", None)
-    if head is None:
-        raise ArchitectureError(f"{type(model).__name__}: no 'classifier' head (need a sequence classifier)")
-    sites.append(Site("logits", "logits", None, head, "output", None))
-    return sites
+    Raises :class:`ArchitectureError` naming what no registered adapter could map."""
+    from ..models.adapters import adapter_for  # the adapters build Sites: imported here, not in a cycle
 
-
-def _width(mod: nn.Module, side: str) -> int | None:
-    """Last-dimension width of a module's input or output; None for attention scores/probs."""
-    if isinstance(mod, nn.LayerNorm):
-        return mod.normalized_shape[-1]
-    if isinstance(mod, nn.Linear):
-        return mod.out_features if side == "output" else mod.in_features
-    dense = getattr(mod, "dense", None)  # BertIntermediate, BertPooler: a Linear then an activation
-    return dense.out_features if side == "output" and isinstance(dense, nn.Linear) else None
+    return adapter_for(model).sites(model)
 
 
 def select(sites: list[Site], patterns: list[str]) -> list[Site]:
@@ -181,13 +126,20 @@ def tap(sites: list[Site], fn: TapFn) -> Iterator[None]:
 
     A tensor whose last dimension is not the site's width raises: a wrong width would silently
     fold values into the wrong channels of per-channel ranges and statistics."""
+    handles = []
+    token_shapes: dict[nn.Module, torch.Size] = {}  # (batch, tokens) of each tokens_from module's input
+    for module in {id(s.tokens_from): s.tokens_from for s in sites if s.tokens_from is not None}.values():
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args: token_shapes.__setitem__(m, args[0].shape[:2])))
+
     def checked(site: Site, x: torch.Tensor) -> torch.Tensor:
         if site.channels is not None and x.shape[-1] != site.channels:
             raise ArchitectureError(f"site {site.name}: expected width {site.channels} (from its module "
                                     f"{type(site.module).__name__}), got {x.shape[-1]} (tensor {tuple(x.shape)})")
-        return fn(site, x)
+        if site.tokens_from is None:
+            return fn(site, x)
+        return fn(site, x.view(*token_shapes[site.tokens_from], x.shape[-1])).reshape(x.shape)
 
-    handles = []
     attn_modules = []
     for site in sites:
         if site.side == "output":
@@ -210,8 +162,15 @@ def tap(sites: list[Site], fn: TapFn) -> Iterator[None]:
 
 
 def _first(out):
+    """The tensor a module outputs: a whole model's output gives its logits (decoders pool the
+    last real token's logits inside ``forward``, after every module has run)."""
+    if isinstance(out, ModelOutput):
+        return out.logits
     return out[0] if isinstance(out, tuple) else out
 
 
 def _replace_output(out, new):
+    if isinstance(out, ModelOutput):
+        out.logits = new
+        return out
     return (new, *out[1:]) if isinstance(out, tuple) else new

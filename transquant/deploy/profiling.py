@@ -16,7 +16,7 @@ What is measured
 - **What the engine runs**: ``engine_int8_matmuls`` / ``engine_float_matmuls`` count the
   MatMuls of the graph after ORT's optimizer, ``engine_code_agreement`` is the share of the
   engine's integer codes equal to the fake-quant model's, and the tag ``engine_precision``
-  (e.g. ``W8A{8,16}``) says what is stored and computed (:mod:`transquant.engine_check`).
+  (e.g. ``W8A{8,16}``) says what is stored and computed (:mod:`transquant.deploy.verify`).
 - **Peak memory** (``peak_memory_mb``): CPU — peak growth of the resident set of a *fresh*
   process that loads the artifact and runs ``mem_iterations`` passes of the timing batch, over
   its RSS before loading (the kernel's high-water mark VmHWM, reset by writing "5" to
@@ -45,10 +45,8 @@ import copy
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,189 +55,26 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import engine as E
+from .engines import ENGINES, EngineJob, ort_dynamic_int8, require_engine
+from .export import export_onnx
+from .memory import MB, cuda_peak_growth, peak_rss_growth, probe_artifact, rss_bytes
+from .runtime import Engine, EngineError, fixed_batch, ort_timing_runner, sample_batch, torch_timing_runner
+from .timing import LatencyStats, interleaved, timer_for
 
 log = logging.getLogger("transquant")
-
-MB = 1024 * 1024
-
-
-# --- timers and statistics ---------------------------------------------------------------------
-
-class CpuTimer:
-    """Wall time of one call in nanoseconds (``clock`` injectable for tests)."""
-
-    def __init__(self, clock: Callable[[], int] = time.perf_counter_ns):
-        self.clock = clock
-
-    def time(self, fn: Callable[[], Any]) -> int:
-        start = self.clock()
-        fn()
-        return self.clock() - start
-
-
-class CudaTimer:
-    """GPU time of one call measured with CUDA events (waits for the stream)."""
-
-    def time(self, fn: Callable[[], Any]) -> int:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return int(start.elapsed_time(end) * 1e6)
-
-
-def timer_for(device: str) -> CpuTimer | CudaTimer:
-    return CudaTimer() if str(device).startswith("cuda") else CpuTimer()
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    p50_ms: float
-    p95_ms: float
-    mean_ms: float
-    throughput_seq_s: float
-    n: int
-
-    @classmethod
-    def from_ns(cls, durations_ns, batch_size: int) -> "LatencyStats":
-        """Percentiles by linear interpolation (numpy's default), throughput from the mean."""
-        d = np.asarray(list(durations_ns), dtype=np.float64) / 1e6
-        if d.size == 0:
-            raise ValueError("no timed iterations")
-        mean = float(d.mean())
-        return cls(float(np.percentile(d, 50)), float(np.percentile(d, 95)), mean,
-                   batch_size / (mean / 1e3), int(d.size))
-
-
-def interleaved(runners: dict[str, Callable[[], Any]], warmup: int, iterations: int, block: int,
-                timer=None) -> dict[str, list[int]]:
-    """Warm up every runner, then time them round-robin, ``block`` calls at a time, until each
-    has ``iterations`` timings (nanoseconds). Warm-up is interleaved the same way."""
-    timer = timer or CpuTimer()
-    block = max(1, int(block))
-    for done in range(0, warmup, block):
-        for fn in runners.values():
-            for _ in range(min(block, warmup - done)):
-                fn()
-    times: dict[str, list[int]] = {name: [] for name in runners}
-    for done in range(0, iterations, block):
-        for name, fn in runners.items():
-            for _ in range(min(block, iterations - done)):
-                times[name].append(timer.time(fn))
-    return times
-
-
-# --- memory ------------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    m = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
-    return int(m.group(1)) if m else None
-
-
-def rss_bytes() -> int | None:
-    kb = _status_kb("VmRSS")
-    return None if kb is None else kb * 1024
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_growth(fn: Callable[[], Any], repeats: int = 3) -> tuple[float | None, str]:
-    """(MB the resident set grew to at its peak while running ``fn`` ``repeats`` times, method)."""
-    base = rss_bytes()
-    if base is None:
-        return None, "unavailable"
-    if _reset_hwm() and _status_kb("VmHWM") is not None:
-        for _ in range(repeats):
-            fn()
-        return max(0, _status_kb("VmHWM") * 1024 - base) / MB, "vmhwm"
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_bytes() or 0)
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        for _ in range(repeats):
-            fn()
-    finally:
-        stop.set()
-        t.join()
-    return max(0, peak[0] - base) / MB, "sampled"
-
-
-def cuda_peak_growth(fn: Callable[[], Any], repeats: int = 3) -> float:
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / MB
-
-
-def _probe(kind: str, path: str, batch_npz: str, threads: int, repeats: int, attention: str = "sdpa") -> dict:
-    """Runs in a fresh interpreter: load one artifact, run it ``repeats`` times, and report MB of
-    resident-set growth over the pre-load baseline: after loading, and at the peak (VmHWM, reset
-    before loading) over load + inference. Lazily mapped weights (safetensors) only become
-    resident when the first inference touches them, so the total is the comparable number."""
-    data = dict(np.load(batch_npz))
-    base = rss_bytes()
-    hwm = _reset_hwm() and _status_kb("VmHWM") is not None
-    if kind == "onnx":
-        sess = E.ort_session(Path(path), threads or None)
-        feeds = {i.name: data[i.name] for i in sess.get_inputs()}
-        fn = lambda: sess.run(None, feeds)  # noqa: E731
-    else:
-        from transformers import AutoModelForSequenceClassification
-
-        if threads:
-            torch.set_num_threads(threads)
-        model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation=attention).eval()
-        feeds = {k: torch.from_numpy(v) for k, v in data.items()}
-
-        def fn():
-            with torch.inference_mode():
-                return model(**feeds).logits
-    loaded = rss_bytes()
-    if hwm:
-        for _ in range(repeats):
-            fn()
-        peak, method = _status_kb("VmHWM") * 1024, "vmhwm"
-    else:
-        grown, method = peak_rss_growth(fn, repeats)
-        peak = loaded + grown * MB
-    return {"load_mb": (loaded - base) / MB, "peak_mb": (peak - base) / MB,
-            "inference_mb": (peak - loaded) / MB, "method": method}
 
 
 def memory_in_subprocess(kind: str, path: Path, batch: dict, threads, repeats: int, workdir: Path,
                          attention: str = "sdpa") -> dict | None:
-    """:func:`_probe` in a child process, so the measurement is not blurred by memory this
+    """:func:`.memory.probe_artifact` in a child process, so the measurement is not blurred by memory this
     process freed earlier (malloc reuses it without the resident set growing)."""
     npz = Path(workdir) / "memory_batch.npz"
     np.savez(npz, **{k: v.cpu().numpy() for k, v in batch.items()})
-    cmd = [sys.executable, "-m", "transquant.profiling", "--probe", kind, str(path), str(npz),
+    cmd = [sys.executable, "-m", "transquant.deploy.profiling", "--probe", kind, str(path), str(npz),
            str(int(threads or 0)), str(int(repeats)), "--attention", attention]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                             cwd=str(Path(__file__).resolve().parent.parent))
+                             cwd=str(Path(__file__).resolve().parents[2]))
         return json.loads(res.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as err:
         log.warning("memory probe of %s failed (%s); falling back to in-process measurement", path, err)
@@ -255,7 +90,7 @@ class Candidate:
     name: str
     load: Callable[[], Callable[[], Any]]
     size_bytes: int | None
-    engine: E.Engine | None = None
+    engine: Engine | None = None
     probe: tuple[str, Path] | None = None  # (kind, path) for the out-of-process memory probe
 
 
@@ -267,7 +102,7 @@ def torch_fp32(model, attention: str):
     try:
         fresh.set_attn_implementation(attention)
     except (ValueError, ImportError) as err:
-        raise E.EngineError(f"profile.fp32_attention={attention}: {str(err).splitlines()[0]}") from err
+        raise EngineError(f"profile.fp32_attention={attention}: {str(err).splitlines()[0]}") from err
     return fresh
 
 
@@ -278,28 +113,28 @@ def build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, weight_g
     dynamic INT8 of that export) and ``engine``. ``ort_fp32`` and ``peer`` are skipped only when
     onnxruntime cannot be used."""
     engine = str(cfg_profile.get("engine", "onnxruntime"))
-    E.require_engine(engine)
+    require_engine(engine)
     fp32_torch = torch_fp32(fp32_model, str(cfg_profile.get("fp32_attention", "sdpa"))).to(device)
     info: dict[str, Any] = {"engine": engine, "fp32_attention": fp32_torch.config._attn_implementation}
-    cands = {"fp32": Candidate("fp32", lambda: E.torch_timing_runner(fp32_torch, batch, device), None)}
+    cands = {"fp32": Candidate("fp32", lambda: torch_timing_runner(fp32_torch, batch, device), None)}
 
     fp32_onnx = None
     try:
-        E.require_engine("onnxruntime")
-    except E.EngineError:
+        require_engine("onnxruntime")
+    except EngineError:
         pass
     else:
-        fp32_onnx = E.export_onnx(fp32_model, sample, workdir / "fp32.onnx")
-        peer_path = E.ort_dynamic_int8(fp32_onnx, workdir / "peer_ort_dynamic_int8.onnx")
-        cands["ort_fp32"] = Candidate("ort_fp32", lambda: E.ort_timing_runner(fp32_onnx, threads, batch),
+        fp32_onnx = export_onnx(fp32_model, sample, workdir / "fp32.onnx")
+        peer_path = ort_dynamic_int8(fp32_onnx, workdir / "peer_ort_dynamic_int8.onnx")
+        cands["ort_fp32"] = Candidate("ort_fp32", lambda: ort_timing_runner(fp32_onnx, threads, batch),
                                       fp32_onnx.stat().st_size, probe=("onnx", fp32_onnx))
-        cands["peer"] = Candidate("peer", lambda: E.ort_timing_runner(peer_path, threads, batch),
+        cands["peer"] = Candidate("peer", lambda: ort_timing_runner(peer_path, threads, batch),
                                   peer_path.stat().st_size, probe=("onnx", peer_path))
         info["peer_path"] = str(peer_path)
 
-    job = E.EngineJob(cfg_profile, fp32_model, quant_model, qa, weight_grids, batch, sample, workdir, device,
+    job = EngineJob(cfg_profile, fp32_model, quant_model, qa, weight_grids, batch, sample, workdir, device,
                       threads, fp32_onnx)
-    built = E.ENGINES[engine].build(job)
+    built = ENGINES[engine].build(job)
     cands["fp32"].size_bytes = built.fp32_size_bytes
     info.update(built.info)
     cands["engine"] = Candidate("engine", built.load, built.engine.size_bytes, built.engine, probe=built.probe)
@@ -323,8 +158,8 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, weight
     if threads:
         torch.set_num_threads(int(threads))
     bs, seq = int(cfg_profile.get("batch_size", 8)), int(cfg_profile.get("seq_len", 128))
-    batch = E.fixed_batch(val_items, pad_id, bs, seq)
-    sample = E.sample_batch(val_items, pad_id)
+    batch = fixed_batch(val_items, pad_id, bs, seq)
+    sample = sample_batch(val_items, pad_id)
     fp32_model.eval()
     quant_model.eval()
 
@@ -333,7 +168,7 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, weight
                                    sample, workdir / "artifacts", device)
     build_s = time.perf_counter() - t0
     fp32, cand = cands["fp32"], cands["engine"]
-    kind = E.ENGINES[info["engine"]]
+    kind = ENGINES[info["engine"]]
 
     # Memory: CPU artifacts are probed in a fresh process each (load, then a few inferences);
     # the PyTorch candidates of the torch/none engines, and GPU runs, are measured in-process.
@@ -450,7 +285,7 @@ def _main(argv=None) -> None:
     ap.add_argument("--attention", default="sdpa", help="attention kernel of a Hugging Face model")
     args = ap.parse_args(argv)
     kind, path, npz, threads, reps = args.probe
-    print(json.dumps(_probe(kind, path, npz, int(threads), int(reps), args.attention)))
+    print(json.dumps(probe_artifact(kind, path, npz, int(threads), int(reps), args.attention)))
 
 
 if __name__ == "__main__":

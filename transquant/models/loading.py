@@ -1,8 +1,12 @@
-"""Loading the encoder to study: a packaged offline model, a hub id, a local directory, or a
-small random BERT built in-process.
+"""Loading the model to study: a packaged offline model, a hub id, a local directory, or a
+small random model of any family built in-process (``model_type`` + ``random_config``).
 
 Every loader also returns an *identity* — what the fine-tune cache key hashes — so that two
 different sets of starting weights can never share a cached checkpoint.
+
+A hub model may declare ``model_type`` and ``architecture`` (the config values that shape its
+module tree): config validation then builds its skeleton offline, and loading checks the
+downloaded config agrees.
 """
 from __future__ import annotations
 
@@ -13,8 +17,12 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
-                          BertConfig, BertForSequenceClassification)
+import transformers
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+
+from .adapters import ADAPTERS
+
+DEFAULT_MODEL_TYPE = "bert"  # a random_config without model_type (model=tiny)
 
 
 class ModelError(ValueError):
@@ -77,12 +85,19 @@ def identity(cfg) -> dict:
         return {"kind": kind, "sha256": h.hexdigest()}
     if kind == "hub":
         return {"kind": kind, "id": loc, "revision": cfg.get("revision") or "main"}
-    return {"kind": kind, "config": dict(cfg.random_config), "tokenizer": cfg.tokenizer}
+    return {"kind": kind, "model_type": model_type(cfg), "config": dict(cfg.random_config), "tokenizer": cfg.tokenizer}
 
 
 def load_tokenizer(cfg):
+    """The model's tokenizer, with a pad token: decoders (GPT-2, …) ship without one, and both the
+    padded batches and their classification head (which pools the last non-pad token) need it."""
     kind, loc = resolve_source(cfg)
-    return AutoTokenizer.from_pretrained(_tokenizer_location(cfg, kind, loc))
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_location(cfg, kind, loc))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"model {cfg.name}: the tokenizer has neither a pad nor an end-of-sequence token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _tokenizer_location(cfg, kind: str, loc: str) -> str:
@@ -92,20 +107,61 @@ def _tokenizer_location(cfg, kind: str, loc: str) -> str:
     return str(mod.get_model_path())
 
 
+def model_type(cfg) -> str:
+    """The transformers model type of a random or declared-architecture model."""
+    return str(cfg.get("model_type") or DEFAULT_MODEL_TYPE)
+
+
+def model_config(cfg, num_labels: int = 2, pad_token_id: int | None = None) -> PretrainedConfig:
+    """The model's transformers config, without loading weights: built from ``random_config``
+    or a hub model's declared ``architecture`` (offline), else read from the checkpoint."""
+    kind, loc = resolve_source(cfg)
+    values = cfg.get("random_config") if kind == "random" else cfg.get("architecture") if kind == "hub" else None
+    extra = {} if pad_token_id is None else {"pad_token_id": pad_token_id}
+    if kind == "hub" and values and not cfg.get("model_type"):
+        raise ModelError(f"model {cfg.name}: model.architecture needs model.model_type (e.g. gpt2, opt, roberta)")
+    if values:
+        try:
+            return AutoConfig.for_model(model_type(cfg), **dict(values), num_labels=num_labels, **extra)
+        except ValueError as err:
+            raise ModelError(f"model.model_type={model_type(cfg)}: transformers {transformers.__version__} has no "
+                             f"such model type; the families with site adapters are {', '.join(ADAPTERS)} "
+                             "(BERT-like types such as roberta and electra map to bert)") from err
+    if kind == "local":
+        check_local_checkpoint(loc)
+    return AutoConfig.from_pretrained(loc, num_labels=num_labels, **extra)
+
+
 def load_pretrained(cfg, num_labels: int, seed: int) -> torch.nn.Module:
-    """The starting model for fine-tuning, with a fresh classification head."""
+    """The starting model for fine-tuning, with a fresh classification head. A random model
+    pads with its tokenizer's pad id; a checkpoint without one (GPT-2) gets the tokenizer's."""
     kind, loc = resolve_source(cfg)
     if kind == "random":
+        conf = model_config(cfg, num_labels, pad_token_id=load_tokenizer(cfg).pad_token_id)
         torch.manual_seed(seed)
-        conf = BertConfig(**dict(cfg.random_config), num_labels=num_labels)
-        return BertForSequenceClassification(conf)
+        return AutoModelForSequenceClassification.from_config(conf)
     if kind == "local":
         check_local_checkpoint(loc)
     torch.manual_seed(seed)
     try:
-        return AutoModelForSequenceClassification.from_pretrained(loc, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(loc, num_labels=num_labels)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"model {loc}: cannot load as a sequence classifier: {str(err).splitlines()[0]}") from err
+    _check_architecture(cfg, model.config)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(cfg).pad_token_id
+    return model
+
+
+def _check_architecture(cfg, conf: PretrainedConfig) -> None:
+    """A declared architecture (what validation checked the config against) must be the checkpoint's."""
+    if not cfg.get("architecture"):
+        return
+    declared = {"model_type": model_type(cfg), **dict(cfg.architecture)}
+    wrong = [f"{k}={v} (checkpoint: {getattr(conf, k, None)})" for k, v in declared.items() if getattr(conf, k, None) != v]
+    if wrong:
+        raise ModelError(f"model {cfg.name}: model.model_type/architecture disagree with the checkpoint's config: "
+                         f"{', '.join(wrong)}; fix conf/model/{cfg.name}.yaml")
 
 
 def load_finetuned(path: str | Path) -> torch.nn.Module:
@@ -114,9 +170,4 @@ def load_finetuned(path: str | Path) -> torch.nn.Module:
 
 def hidden_size(cfg) -> int:
     """Width of the residual stream, known before loading weights (for config validation)."""
-    kind, loc = resolve_source(cfg)
-    if kind == "random":
-        return int(cfg.random_config.hidden_size)
-    if kind == "local":
-        check_local_checkpoint(loc)
-    return int(AutoConfig.from_pretrained(loc).hidden_size)
+    return int(model_config(cfg).hidden_size)

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine import MOVES, EngineError, input_names, ort_session
-from .quant.quantizers import quantize
-from .quant.sites import find_sites, tap, use_tappable_attention
+from ..quant.quantizers import quantize
+from ..quant.sites import find_sites, tap, use_tappable_attention
+from .fusions import MOVES
+from .runtime import EngineError, input_names, ort_session
 
 INT_MATMULS = frozenset({"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
                          "QGemm", "QAttention"})

@@ -1,0 +1,108 @@
+"""Speed and size ratios at BERT-base size (random weights), so the gain at the paper's model
+size is known without downloading it.
+
+    python -m transquant.bench_base --methods mixed,w8a8 --iterations 100
+
+Builds ``BertForSequenceClassification(BertConfig())`` (hidden 768, 12 layers, 30522-token
+vocabulary) with seeded random weights, calibrates each method on random token sequences, and
+runs :func:`transquant.deploy.profiling.profile_stage`, the pipeline's own stage: PyTorch FP32 (sdpa
+attention), ONNX Runtime FP32, ORT's dynamic INT8 peer and the engine, interleaved. Accuracy is
+meaningless for random weights and is not evaluated.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from transformers import BertConfig, BertForSequenceClassification
+
+from ..paths import CONF_PATH as CONF
+from ..quant.ptq import calibrate, plan_sites, quantize_weights_
+from ..quant.sites import find_sites
+from .profiling import profile_stage
+
+COLUMNS = ["method", "engine_precision", "latency_p50_ms", "latency_p95_ms", "throughput_seq_s", "peak_memory_mb",
+           "model_size_mb", "speedup_vs_torch_fp32", "speedup_vs_ort_fp32", "speedup_vs_peer", "size_ratio_vs_fp32",
+           "fp32_latency_p50_ms", "ort_fp32_latency_p50_ms", "peer_latency_p50_ms", "engine_int8_matmuls",
+           "engine_float_matmuls", "engine_code_agreement", "fp32_attention"]
+
+
+def quant_config(method: str, **overrides):
+    """``conf/quant/<method>.yaml`` over ``fp32.yaml`` (what Hydra's defaults list composes)."""
+    base = OmegaConf.load(CONF / "quant" / "fp32.yaml")
+    spec = OmegaConf.load(CONF / "quant" / f"{method}.yaml")
+    spec.pop("defaults", None)
+    return OmegaConf.merge(base, spec, overrides)
+
+
+def random_items(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        ln = length - (i % 4) * (length // 8)  # some shorter sequences, so padding exists
+        ids = [101] + torch.randint(1000, vocab, (ln - 2,), generator=g).tolist() + [102]
+        items.append({"input_ids": ids, "token_type_ids": [0] * ln, "attention_mask": [1] * ln, "labels": i % 2})
+    return items
+
+
+def bench(methods=("mixed",), config: BertConfig | None = None, threads: int = 2, warmup: int = 20,
+          iterations: int = 100, batch_size: int = 8, seq_len: int = 128, engine: str = "onnxruntime",
+          workdir: Path | None = None, seed: int = 0) -> pd.DataFrame:
+    """One row of profile metrics per method for a random-weight model of ``config`` (BERT-base
+    by default)."""
+    from ..tasks import batches
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    fp32 = BertForSequenceClassification(config or BertConfig(num_labels=2)).eval()
+    vocab = fp32.config.vocab_size
+    calib = random_items(64, seq_len, vocab, seed)
+    val = random_items(16, seq_len, vocab, seed + 1)
+    profile = OmegaConf.create({"engine": engine, "warmup": warmup, "iterations": iterations, "block": 10,
+                                "batch_size": batch_size, "seq_len": seq_len, "eval_engine_accuracy": False,
+                                "weight_storage": "s8", "mem_iterations": 3, "fp32_attention": "sdpa"})
+    hardware = OmegaConf.create({"device": "cpu", "threads": threads})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(workdir) if workdir else Path(tmp)
+        for method in methods:
+            q = quant_config(method)
+            model = copy.deepcopy(fp32)
+            sites = find_sites(model)
+            plans = plan_sites(sites, q)
+            weight_grids = quantize_weights_(model, q.weight_bits, q.weight_estimator)
+            qa = calibrate(model, sites, plans, batches(calib, 16, 0), torch.device("cpu")) if plans else None
+            metrics, tags, _ = profile_stage(profile, hardware, fp32, model, qa, weight_grids, None, val, 0,
+                                             root / method)
+            rows.append({"method": method, **metrics, **tags})
+            del model, qa
+    df = pd.DataFrame(rows)
+    return df[[c for c in COLUMNS if c in df] + [c for c in df if c not in COLUMNS]]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="mixed", help="comma-separated conf/quant names")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--engine", default="onnxruntime")
+    ap.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    df = bench(args.methods.split(","), threads=args.threads, warmup=args.warmup, iterations=args.iterations,
+               engine=args.engine)
+    if args.out:
+        df.to_csv(args.out, index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(df[[c for c in COLUMNS if c in df]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+
+
+if __name__ == "__main__":
+    main()

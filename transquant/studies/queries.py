@@ -1,0 +1,131 @@
+"""MLflow reads of a study: its parent run(s) by study name or run id, their job runs as the study
+table, and the per-layer FP32 statistics of Table III."""
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from .labels import parse_param
+from .runs import records_frame, run_record
+from .tables import DEPTH_METRICS
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class ReportError(Exception):
+    pass
+
+
+def _search_all(client, experiment_ids, filter_string: str, order_by=None):
+    out, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000,
+                                  order_by=order_by or ["attributes.start_time ASC"], page_token=token)
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def resolve_parents(client, study: str, experiment: str | None = None, all_runs: bool = False) -> list:
+    """The parent run(s) of a study name or a parent run id (latest sweep unless ``all_runs``)."""
+    if RUN_ID.fullmatch(study):
+        try:
+            return [client.get_run(study)]
+        except Exception as err:  # noqa: BLE001 - MLflow raises a generic exception for unknown ids
+            raise ReportError(f"run {study}: not found in this tracking store ({err})") from err
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        exp_ids = [exp.experiment_id] if exp else []
+    else:
+        exp_ids = [e.experiment_id for e in client.search_experiments()]
+    if not exp_ids:
+        raise ReportError(f"no MLflow experiment {experiment or ''} in this tracking store")
+    sweeps = _search_all(client, exp_ids, "tags.`transquant.role` = 'sweep'")
+    tagged = [r for r in sweeps if r.data.tags.get("transquant.study") == study]
+    if not tagged:
+        pat = re.compile(rf"(^|\s)\+(experiment|search)={re.escape(study)}(\s|$)")
+        tagged = [r for r in sweeps if pat.search(r.data.params.get("sweep_overrides", ""))]
+    if not tagged:
+        known = sorted({r.data.tags["transquant.study"] for r in sweeps if "transquant.study" in r.data.tags})
+        raise ReportError(f"study '{study}': no sweep parent run found (known studies: {', '.join(known) or 'none'}); "
+                          "give a study name or a parent run id")
+    tagged.sort(key=lambda r: (r.info.start_time, r.info.run_id))
+    alive = [r for r in tagged if r.info.status != "KILLED"]  # a sweep killed by hand is not "the latest"
+    tagged = alive or tagged
+    return tagged if all_runs else tagged[-1:]
+
+
+def children(client, parent_ids: list[str]) -> list:
+    """The job runs of the parent runs: their children, plus the finished runs a sweep reused
+    instead of redoing them (``resume=true``; the parent carries a tag ``reused.<run id>``)."""
+    runs: dict[str, object] = {}
+    for pid in parent_ids:
+        parent = client.get_run(pid)
+        for r in _search_all(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pid}'"):
+            runs.setdefault(r.info.run_id, r)
+        for key in sorted(parent.data.tags):
+            rid = key.split(".", 1)[1] if key.startswith("reused.") else None
+            if rid and rid not in runs:
+                try:
+                    runs[rid] = client.get_run(rid)
+                except Exception:  # noqa: BLE001 - a deleted run: nothing to report
+                    continue
+    return list(runs.values())
+
+
+def frame_of_runs(runs) -> pd.DataFrame:
+    return records_frame(run_record(r.info.run_id, r.data.params, r.data.metrics, r.data.tags, r.info.status,
+                                    r.info.start_time, r.info.end_time) for r in runs)
+
+
+def children_frame(client, parent_ids: list[str]) -> pd.DataFrame:
+    """Job runs as the study table; ``reused`` marks runs executed by another sweep."""
+    df = frame_of_runs(children(client, parent_ids))
+    if not df.empty:
+        df["reused"] = ~df["parent"].isin(parent_ids)
+    return df
+
+
+def depth_frame(client, df: pd.DataFrame) -> pd.DataFrame:
+    """Per-layer FP32 statistics (metric history, step = layer), one run per checkpoint: a job
+    run of the study that logged them, else another finished run of the same checkpoint that did
+    (a ``transquant.role=stats`` run first). FP32 statistics depend on the checkpoint only."""
+    if df.empty:
+        return pd.DataFrame()
+    ckpt = df["checkpoint"].fillna("") if "checkpoint" in df else pd.Series("", index=df.index)
+    picked: dict[str, tuple[str, object]] = {}
+    if "kurtosis" in df:
+        for (_, r), c in zip(df.iterrows(), ckpt):
+            if pd.notna(r["kurtosis"]):
+                picked.setdefault(c or str(r["seed"]), (r["run_id"], r["seed"]))
+    wanted = sorted({c for c in ckpt if c and c not in picked and "'" not in c})
+    if wanted:
+        exp = client.get_run(df["run_id"].iloc[0]).info.experiment_id
+        for c in wanted:
+            found = [r for r in _search_all(client, [exp], f"tags.checkpoint = '{c}'")
+                     if "kurtosis" in r.data.metrics and r.info.status == "FINISHED"]
+            found.sort(key=lambda r: (r.data.tags.get("transquant.role") != "stats", r.info.start_time, r.info.run_id))
+            if found:
+                picked[c] = (found[0].info.run_id, parse_param(found[0].data.params.get("train.seed")))
+    rows = []
+    for c in sorted(picked):
+        run_id, seed = picked[c]
+        for metric in DEPTH_METRICS:
+            last = {}
+            for m in client.get_metric_history(run_id, metric):
+                if m.step not in last or m.timestamp >= last[m.step][0]:
+                    last[m.step] = (m.timestamp, m.value)
+            for step in sorted(last):
+                rows.append({"seed": seed, "run_id": run_id, "layer": step, "stat": metric, "value": last[step][1]})
+    return pd.DataFrame(rows)
+
+
+def resolve_all(client, studies: list[str], experiment: str | None, all_runs: bool) -> list:
+    """The parent runs of several studies, each once."""
+    parents = []
+    for s in studies:
+        parents += [p for p in resolve_parents(client, s, experiment, all_runs)
+                    if p.info.run_id not in {q.info.run_id for q in parents}]
+    return parents

@@ -1,0 +1,247 @@
+"""The report's tables, pure functions of the study table (:mod:`.runs`): accuracy and drop vs
+FP32 per method and per seed, deployment profile, depth statistics, ablations, calibration sizes,
+search trials and the wall-time split."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from .labels import GROUPING_ORDER, site_preset, site_sort_key
+from .seeds import aggregate, paired_deltas
+from .significance import ALPHA
+
+# Each speed-up is named after its baseline, all timed in the same run (transquant.deploy.profiling).
+PROFILE_METRICS = ("latency_p50_ms", "latency_p95_ms", "peak_memory_mb", "model_size_mb", "speedup_vs_torch_fp32",
+                   "speedup_vs_ort_fp32", "speedup_vs_peer", "engine_code_agreement", "engine_int8_matmuls",
+                   "engine_float_matmuls", "fp32_latency_p50_ms", "fp32_model_size_mb")
+PROFILE_TAGS = ("engine_precision", "fp32_attention")
+DEPTH_METRICS = ("kurtosis", "top1pct_channel_energy", "max_abs", "variance")
+# Cached FP32 statistics: every job logs what computing them cost, but only a cache miss spent it.
+PER_CHECKPOINT_SECONDS = ("stats_seconds", "stats_fp32_pass_seconds")
+
+
+def _seed_map(df: pd.DataFrame, value: str) -> dict:
+    return df.groupby(df["seed"].map(str))[value].mean().to_dict()
+
+
+def table_accuracy(df: pd.DataFrame) -> pd.DataFrame:
+    """Table I: per method, accuracy and drop vs FP32 over seeds (drop is paired per seed)."""
+    if df.empty or "accuracy" not in df:
+        return pd.DataFrame()
+    acc = aggregate(df, "label", "accuracy")
+    rows = []
+    for _, a in acc.iterrows():
+        grp = df[df["label"] == a["label"]]
+        d = aggregate(grp, "label", "accuracy_drop").iloc[0] if "accuracy_drop" in grp and grp["accuracy_drop"].notna().any() else None
+        # (aggregate drops NaN rows: a group with no value at all yields no row, hence the guards)
+        drops = list(_seed_map(grp, "accuracy_drop").values()) if d is not None else []
+        consistent = len(drops) > 1 and (all(x > 0 for x in drops) or all(x < 0 for x in drops))
+        f = aggregate(grp, "label", "fp32_accuracy") if "fp32_accuracy" in grp else pd.DataFrame()
+        fp32 = f.iloc[0]["median"] if not f.empty else math.nan
+        p = _latest_per_seed(grp)["mcnemar_p"].dropna() if "mcnemar_p" in grp else pd.Series(dtype=float)
+        rows.append({"method": a["label"], "seeds": int(a["n"]), "accuracy_median": a["median"],
+                     "accuracy_min": a["min"], "accuracy_max": a["max"], "accuracy_ci_lo": a["ci_lo"],
+                     "accuracy_ci_hi": a["ci_hi"], "accuracy_std": a["std"], "fp32_accuracy_median": fp32,
+                     "drop_median": d["median"] if d is not None else math.nan,
+                     "drop_min": d["min"] if d is not None else math.nan,
+                     "drop_max": d["max"] if d is not None else math.nan,
+                     "drop_consistent_sign": consistent, "mcnemar_p_max": p.max() if len(p) else math.nan,
+                     "significant_seeds": int((p < ALPHA).sum()), "tested_seeds": len(p),
+                     "significant": bool(len(p)) and bool((p < ALPHA).all())})
+    return pd.DataFrame(rows)
+
+
+def _latest_per_seed(df: pd.DataFrame) -> pd.DataFrame:
+    """One run per (method, seed), the latest: intervals of a repeated job are not averaged."""
+    keyed = df.assign(_seed=df["seed"].map(str))  # rows are in (method, seed, start time) order
+    return keyed.drop_duplicates(["label", "_seed"], keep="last").drop(columns="_seed")
+
+
+def table_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """Table I per seed: each run's 95 % interval of accuracy and of the drop vs FP32, McNemar p."""
+    if df.empty or "accuracy_ci_low" not in df:
+        return pd.DataFrame()
+    t = _latest_per_seed(df[df["accuracy_ci_low"].notna()])
+    out = t[["label", "seed", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_drop", "drop_ci_low",
+             "drop_ci_high", "mcnemar_p", "run_id"]].rename(columns={"label": "method"})
+    out.insert(len(out.columns) - 1, "significant", out["mcnemar_p"] < ALPHA)
+    return out.reset_index(drop=True)
+
+
+def table_deployment(df: pd.DataFrame) -> pd.DataFrame:
+    """Table II: medians over seeds of the profile metrics, methods that were profiled, with the
+    engine's precision and the PyTorch FP32 baseline's attention kernel (tags; values joined)."""
+    present = [m for m in PROFILE_METRICS if m in df and df[m].notna().any()]
+    if not present:
+        return pd.DataFrame()
+    out = None
+    for m in present:
+        a = aggregate(df, "label", m)[["label", "n", "median"]].rename(columns={"median": m, "n": f"n_{m}"})
+        out = a if out is None else out.merge(a, on="label", how="outer", sort=False)
+    order = {lab: i for i, lab in enumerate(df["label"].drop_duplicates())}
+    out = out.sort_values("label", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+    runs = out[[c for c in out if c.startswith("n_")]].max(axis=1)
+    out = out.drop(columns=[c for c in out if c.startswith("n_")])
+    out.insert(1, "seeds", runs.astype(int))
+    profiled = df[df[present].notna().any(axis=1)]
+    for i, tag in enumerate(t for t in PROFILE_TAGS if t in df and profiled[t].notna().any()):
+        values = profiled.groupby("label")[tag].agg(lambda v: ",".join(sorted(set(v.dropna()))))
+        out.insert(2 + i, tag, out["label"].map(values).fillna(""))
+    return out.rename(columns={"label": "method"})
+
+
+def table_calibration(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method, calibration size and seed (the latest run): accuracy and drop vs FP32 with their
+    95 % intervals and McNemar p. Only for runs calibrated on more than one number of sequences."""
+    if df.empty or "accuracy" not in df or "calibration_sequences" not in df or df["calibration_sequences"].nunique() < 2:
+        return pd.DataFrame()
+    d = _latest_per_seed(df[df["calibration_sequences"].notna() & df["accuracy"].notna()])
+    cols = ["accuracy", "accuracy_ci_low", "accuracy_ci_high", "fp32_accuracy", "accuracy_drop", "drop_ci_low",
+            "drop_ci_high", "mcnemar_p"]
+    out = d.reindex(columns=["quant_label", "calibration_sequences", "seed", *cols, "run_id"])
+    out = out.rename(columns={"quant_label": "method", "calibration_sequences": "sequences"})
+    out["sequences"] = out["sequences"].astype(int)
+    out.insert(len(out.columns) - 1, "significant", out["mcnemar_p"] < ALPHA)
+    return out.reset_index(drop=True)
+
+
+def table_depth(depth: pd.DataFrame) -> pd.DataFrame:
+    """Table III: per layer (step), the median over checkpoints of each FP32 statistic."""
+    if depth.empty:
+        return pd.DataFrame()
+    t = depth.groupby(["layer", "stat"])["value"].median().unstack("stat")
+    cols = [c for c in DEPTH_METRICS if c in t]
+    t = t[cols].reset_index().sort_values("layer").reset_index(drop=True)
+    t.insert(1, "checkpoints", int(depth["run_id"].nunique()))
+    return t
+
+
+def _stats(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    a = aggregate(df, by, "accuracy")
+    return a[[*by, "n", "median", "min", "max"]].rename(columns={"n": "seeds", "median": "accuracy_median",
+                                                                 "min": "accuracy_min", "max": "accuracy_max"})
+
+
+def ablation_peg(df: pd.DataFrame) -> pd.DataFrame:
+    plain = df[df["label"].str.fullmatch(r"PEG K=\d+ \w+") & df["accuracy"].notna()] if "accuracy" in df else df.iloc[0:0]
+    if plain.empty:
+        return pd.DataFrame()
+    t = _stats(plain, ["k", "grouping"])
+    t["k"] = t["k"].astype(int)
+    t["_g"] = t["grouping"].map(lambda g: GROUPING_ORDER.index(g) if g in GROUPING_ORDER else 9)
+    return t.sort_values(["k", "_g"], kind="stable").drop(columns="_g").reset_index(drop=True)
+
+
+def ablation_percentile(df: pd.DataFrame) -> pd.DataFrame:
+    plain = df[df["label"].str.fullmatch(r"percentile p=[\d.]+") & df["accuracy"].notna()] if "accuracy" in df else df.iloc[0:0]
+    if plain.empty:
+        return pd.DataFrame()
+    t = _stats(plain, ["percentile"])
+    return t.sort_values("percentile", kind="stable").reset_index(drop=True)
+
+
+def ablation_loo(df: pd.DataFrame) -> pd.DataFrame:
+    """Leave-one-out: W8A8 runs with one pattern left float, vs the all-quantized W8A8 baseline."""
+    if "accuracy" not in df:
+        return pd.DataFrame()
+    w = df[(df["base"] == "W8A8") & df["accuracy"].notna()]
+    if w.empty or not (w["act_exclude"] != "").any():
+        return pd.DataFrame()
+    base = w[w["act_exclude"] == ""]
+    base_map = _seed_map(base, "accuracy") if not base.empty else {}
+    t = _stats(w, ["act_exclude"])
+    rec, rec_lo, rec_hi, consistent = [], [], [], []
+    for _, r in t.iterrows():
+        p = paired_deltas(_seed_map(w[w["act_exclude"] == r["act_exclude"]], "accuracy"), base_map)
+        rec.append(p.median), rec_lo.append(p.min), rec_hi.append(p.max), consistent.append(p.consistent)
+    t["recovery_median"], t["recovery_min"], t["recovery_max"], t["recovery_consistent_sign"] = rec, rec_lo, rec_hi, consistent
+    drop = aggregate(w, "act_exclude", "accuracy_drop").set_index("act_exclude")["median"] if "accuracy_drop" in w else None
+    t["drop_median"] = t["act_exclude"].map(drop) if drop is not None else math.nan
+    t["_o"] = t["act_exclude"].map(lambda e: (0,) if e == "" else (1, *site_sort_key(e.split(",")[0]), e))
+    t = t.sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+    t["left_float"] = t["act_exclude"].replace("", "(none: all quantized)")
+    return t[["left_float", *[c for c in t if c not in ("left_float", "act_exclude")]]]
+
+
+def ablation_bits(df: pd.DataFrame) -> pd.DataFrame:
+    if "accuracy" not in df:
+        return pd.DataFrame()
+    d = df[df["act_bits"].notna() & df["accuracy"].notna() & (df["act_exclude"] == "")]
+    fams = [f for f, g in d.groupby("family", sort=False) if g["act_bits"].nunique() > 1]
+    d = d[d["family"].isin(fams)]
+    if d.empty:
+        return pd.DataFrame()
+    t = _stats(d, ["family", "act_bits"])
+    t["act_bits"] = t["act_bits"].astype(int)
+    order = {f: i for i, f in enumerate(fams)}
+    t["_f"] = t["family"].map(order)
+    return t.sort_values(["_f", "act_bits"], kind="stable").drop(columns="_f").reset_index(drop=True)
+
+
+def search_trials(df: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
+    if df.empty or not (df["best"].any() or df["pareto"].any()):
+        return pd.DataFrame()
+    t = df.sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
+    cols = ["k", "grouping", "peg_sites", "high_bits_sites", *[o for o in dict.fromkeys(["accuracy", *objectives]) if o in t],
+            "best", "pareto", "run_id"]
+    out = t[cols].copy()
+    out.insert(0, "trial", range(len(out)))
+    out.insert(3, "sites_preset", [site_preset(a, b) for a, b in zip(t["peg_sites"], t["high_bits_sites"])])
+    out["k"] = out["k"].astype("Int64")
+    return out
+
+
+def table_timing(df: pd.DataFrame) -> pd.DataFrame:
+    """Wall-time split: every *_seconds metric (and each job's wall time) summed over the jobs."""
+    if df.empty:
+        return pd.DataFrame()
+    reused = int(df["reused"].sum()) if "reused" in df else 0
+    df = df[~df["reused"]] if "reused" in df else df  # time spent by another sweep is not this study's
+    cols = sorted(c for c in df if (c.endswith("_seconds") or c.endswith("_seconds_job")) and c != "wall_seconds"
+                  and pd.api.types.is_numeric_dtype(df[c]))
+    wall = df["wall_seconds"].sum(min_count=1)
+    rows = []
+    for c in cols + ["wall_seconds"]:
+        v = df[c].dropna()
+        if c in PER_CHECKPOINT_SECONDS and "stats_cache" in df:  # logged by every job, spent on a cache miss only
+            v = df.loc[df["stats_cache"] == "miss", c].dropna()
+        if v.empty:
+            continue
+        rows.append({"metric": "job wall time" if c == "wall_seconds" else c, "jobs": len(v), "total_seconds": v.sum(),
+                     "median_seconds": v.median(),
+                     "share_of_wall": v.sum() / wall if wall and not math.isnan(wall) else math.nan})
+    t = pd.DataFrame(rows)
+    if "finetune_cache" in df:
+        t = pd.concat([t, pd.DataFrame([{"metric": "fine-tunes (cache misses)",
+                                          "jobs": int((df["finetune_cache"] == "miss").sum())}])], ignore_index=True)
+    if reused:
+        t = pd.concat([t, pd.DataFrame([{"metric": "runs reused from other sweeps (resume)", "jobs": reused}])],
+                      ignore_index=True)
+    return t
+
+
+RUN_COLUMNS = ["run_id", "status", "seed", "method", "label", "k", "grouping", "percentile", "weight_bits", "act_bits",
+               "act_exclude", "calibration_sequences", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+               "fp32_accuracy", "accuracy_drop", "drop_ci_low", "drop_ci_high", "mcnemar_p", *PROFILE_METRICS, *PROFILE_TAGS, "high_precision_sites",
+               "calibration_seconds", "eval_seconds", "finetune_seconds", "finetune_cache", "reused", "best", "pareto"]
+
+
+def build_tables(df: pd.DataFrame, depth: pd.DataFrame | None = None, objectives: list[str] | None = None
+                 ) -> dict[str, pd.DataFrame]:
+    """Every table of the report from the run table (and the depth statistics)."""
+    tables = {
+        "table1_accuracy": table_accuracy(df),
+        "table1_seeds": table_seeds(df),
+        "table2_deployment": table_deployment(df),
+        "table3_depth": table_depth(depth if depth is not None else pd.DataFrame()),
+        "ablation_peg": ablation_peg(df) if not df.empty else pd.DataFrame(),
+        "ablation_percentile": ablation_percentile(df) if not df.empty else pd.DataFrame(),
+        "ablation_loo": ablation_loo(df) if not df.empty else pd.DataFrame(),
+        "ablation_bits": ablation_bits(df) if not df.empty else pd.DataFrame(),
+        "calibration": table_calibration(df),
+        "search_trials": search_trials(df, objectives or ["accuracy"]) if not df.empty else pd.DataFrame(),
+        "timing": table_timing(df),
+        "runs": df[[c for c in RUN_COLUMNS if c in df]].copy() if not df.empty else pd.DataFrame(),
+    }
+    return {k: v for k, v in tables.items() if not v.empty}
