@@ -53,6 +53,14 @@ def test_stats_cache_key_follows_the_statistics_code(package_copy):
     assert stats_cache_path("/c", "ckpt", "fp", 8) != path
 
 
+def test_a_package_in_a_module_set_covers_every_module_in_it(package_copy):
+    """A new family adapter changes which tensor a site is: the statistics key must follow it
+    without anyone adding the file to a list."""
+    path = stats_cache_path("/c", "ckpt", "fp", 8)
+    (package_copy / "models" / "adapters" / "new_family.py").write_text("# a new adapter\n")
+    assert stats_cache_path("/c", "ckpt", "fp", 8) != path
+
+
 def test_hash_is_of_the_code_this_process_loaded(tmp_path, monkeypatch):
     """An edit on disk during a sweep is not credited to jobs still running the loaded code."""
     before = provenance.source_hash()

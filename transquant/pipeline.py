@@ -24,7 +24,7 @@ from .deploy.profiling import profile_stage
 from .errors import TransquantError
 from .evaluate import percent_correct, predictions
 from .figures import log_figures
-from .provenance import fingerprint
+from .provenance import FP32_EVAL_MODULES, fingerprint
 from .quant.state import STATE_FILE, QuantState, quantize_
 from .statistics import log_quantization_error, log_statistics, quantization_error, sample_items
 from .stats import figure_k, job_statistics
@@ -68,7 +68,7 @@ def fp32_predictions(model, ckpt: Path, val_items, task, cfg, tokenizer, device)
     started = time.perf_counter()
     key = cache.key_of({"validation": task.fingerprint("validation"), "max_length": cfg.train.max_length,
                         "batch_size": cfg.eval.batch_size, "device": device.type,
-                        "code": fingerprint(("transquant.evaluate", "transquant.tasks", "transquant.models.loading"))})
+                        "code": fingerprint(FP32_EVAL_MODULES)})
 
     def compute() -> dict:
         pred, label = predictions(model, val_items, cfg.eval.batch_size, tokenizer.pad_token_id, device,

@@ -14,8 +14,15 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 LIBRARIES = ("torch", "transformers", "onnxruntime", "onnx")
 
-# Modules whose code decides a fine-tuned checkpoint's weights.
+# The code each cache depends on, in one place. A package name stands for every module in it
+# (so a new adapter file is covered without touching this list).
+# A fine-tuned checkpoint's weights:
 FINETUNE_MODULES = ("transquant.finetune", "transquant.models.loading", "transquant.tasks")
+# The cached FP32 predictions of a checkpoint:
+FP32_EVAL_MODULES = ("transquant.evaluate", "transquant.tasks", "transquant.models.loading")
+# The cached FP32 statistics (token masks, site taps, batching, loading):
+STATS_MODULES = ("transquant.statistics", "transquant.quant.ptq", "transquant.quant.sites", "transquant.models.adapters",
+                 "transquant.tasks", "transquant.models.loading")
 
 
 def _files(modules: tuple[str, ...] | None) -> list[Path]:
@@ -24,10 +31,12 @@ def _files(modules: tuple[str, ...] | None) -> list[Path]:
     files = []
     for name in modules:  # resolved under PACKAGE_DIR, so a test can point it at an edited copy
         rel = Path(*name.split(".")[1:])
-        f = next((c for c in (PACKAGE_DIR / f"{rel}.py", PACKAGE_DIR / rel / "__init__.py") if c.is_file()), None)
-        if f is None:
+        if (PACKAGE_DIR / rel / "__init__.py").is_file():
+            files.extend((PACKAGE_DIR / rel).rglob("*.py"))
+        elif (PACKAGE_DIR / f"{rel}.py").is_file():
+            files.append(PACKAGE_DIR / f"{rel}.py")
+        else:
             raise ValueError(f"provenance: no module {name!r} in {PACKAGE_DIR}")
-        files.append(f)
     return sorted(files)
 
 

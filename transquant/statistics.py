@@ -58,7 +58,6 @@ import torch
 from torch import nn
 
 from . import cache, provenance
-from .models.adapters import ADAPTER_MODULES
 from .quant.quantizers import fake_quantize
 from .quant.ptq import TokenMask, token_values
 from .quant.sites import RESIDUAL_KINDS, Site, find_sites, tap, use_tappable_attention
@@ -667,9 +666,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-# The modules whose code decides the FP32 statistics (token masks, site taps, batching, loading).
-STATS_MODULES = ("transquant.statistics", "transquant.quant.ptq", "transquant.quant.sites", *ADAPTER_MODULES,
-                 "transquant.tasks", "transquant.models.loading")
 
 
 def stats_cache_path(cache_dir: str | Path, checkpoint: str | dict, fingerprint: str, num_examples: int | None,
@@ -681,7 +677,7 @@ def stats_cache_path(cache_dir: str | Path, checkpoint: str | dict, fingerprint:
     key = cache.key_of({"checkpoint": checkpoint, "validation": fingerprint, "num_examples": num_examples,
                         "seed": seed, "top_k": top_k, "reservoir": reservoir, "max_length": max_length,
                         "special_ids": sorted(special_ids or []), "version": STATS_VERSION,
-                        "code": provenance.fingerprint(STATS_MODULES)})
+                        "code": provenance.fingerprint(provenance.STATS_MODULES)})
     return Path(cache_dir) / "stats" / f"{key}.json"
 
 
