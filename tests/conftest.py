@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import BertConfig, BertForSequenceClassification
 
-from transquant.paths import CONF_DIR
+from transquant.core.paths import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model=tiny", "task=synthetic", "train=quick", "profile=quick"]

@@ -7,18 +7,18 @@ from functools import lru_cache
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import (MPNetConfig, MPNetForSequenceClassification, OPTConfig, OPTForSequenceClassification)
+from transformers import MPNetConfig, MPNetForSequenceClassification, OPTConfig, OPTForSequenceClassification
 
 from transquant import models
-from transquant.config import validate_against_model
-from transquant.evaluate import percent_correct, predictions
+from transquant.core.config import validate_against_model
+from transquant.core.paths import CONF_PATH
+from transquant.data.tasks import batches
 from transquant.models.adapters import ADAPTERS, adapter_for
 from transquant.models.adapters.base import get
-from transquant.paths import CONF_PATH
 from transquant.quant.ptq import calibrate, plan_sites, token_values
 from transquant.quant.sites import ArchitectureError, find_sites, tap, use_tappable_attention
 from transquant.quant.state import QuantState, quantize_
-from transquant.tasks import batches
+from transquant.train.evaluate import percent_correct, predictions
 
 # Hydra model option -> (family, sites: 2 embedding + 13 per layer (GPT-2: 11, OPT: 13 with no
 # embedding norm) + final norm / pooler + logits).

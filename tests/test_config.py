@@ -5,8 +5,8 @@ import sqlite3
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from transquant.config import validate
-from transquant.errors import TransquantError
+from transquant.core.config import validate
+from transquant.core.errors import TransquantError
 
 from .conftest import ROOT, run_cli
 

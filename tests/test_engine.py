@@ -16,12 +16,19 @@ from transquant.deploy.build import build_onnx_int8, int8_weight_grids
 from transquant.deploy.engines import build_torch_int8, ort_dynamic_int8, require_engine
 from transquant.deploy.export import export_onnx
 from transquant.deploy.qdq import ActQuant, GraphEditor, quantize_activation
-from transquant.deploy.runtime import (Engine, EngineError, fixed_batch, ort_engine, ort_session, sample_batch,
-                                      torch_runner)
-from transquant.evaluate import predictions
+from transquant.deploy.runtime import (
+    Engine,
+    EngineError,
+    fixed_batch,
+    ort_engine,
+    ort_session,
+    sample_batch,
+    torch_runner,
+)
 from transquant.quant.ptq import calibrate, plan_sites, quantize_weights_
 from transquant.quant.sites import find_sites
 from transquant.run import CONF_DIR
+from transquant.train.evaluate import predictions
 
 
 def quant_cfg(method: str, **over):

@@ -13,8 +13,8 @@ from tests.test_engine import VAL, build, engine_of, one_thread, quant_cfg  # no
 from transquant.deploy import build as B
 from transquant.deploy.runtime import EngineError, fixed_batch, sample_batch
 from transquant.deploy.verify import MIN_CODE_AGREEMENT, code_agreement
-from transquant.evaluate import predictions
 from transquant.run import CONF_DIR
+from transquant.train.evaluate import predictions
 
 HIDDEN = 32  # tiny_bert's width: K = hidden is per-channel
 GROUPINGS = {"contiguous": {"permute": False}, "sorted": {"grouping": "sorted"}, "gap": {"grouping": "gap"}}

@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import tiny_bert
-from .test_statistics import FakeRun, make_items
-from transquant.figures import FIGURES, log_figures, make_figures, peg_groups, worst_layer_histogram
+from transquant.analysis.error_attribution import quantization_error
+from transquant.analysis.figures import FIGURES, log_figures, make_figures, peg_groups, worst_layer_histogram
+from transquant.analysis.results import ActivationStats
+from transquant.analysis.statistics import fp32_statistics
 from transquant.quant.ptq import QuantizedActivations
 from transquant.quant.quantizers import asymmetric_grid
 from transquant.quant.sites import find_sites
-from transquant.statistics import ActivationStats, fp32_statistics, quantization_error
+
+from .conftest import tiny_bert
+from .test_statistics import FakeRun, make_items
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,9 +7,10 @@ import shutil
 import pytest
 import torch
 
-from transquant import finetune, provenance
-from transquant.errors import TransquantError
-from transquant.config import validate_static
+from transquant.core import provenance
+from transquant.core.config import validate_static
+from transquant.core.errors import TransquantError
+from transquant.train import finetune
 
 
 def test_presets_carry_the_published_settings(make_cfg):
@@ -60,7 +61,7 @@ def test_source_hash_follows_the_code(tmp_path, monkeypatch):
     monkeypatch.setattr(provenance, "PACKAGE_DIR", copy)
     before = provenance.source_hash()
     assert provenance.source_hash() == before  # deterministic
-    (copy / "evaluate.py").write_text((copy / "evaluate.py").read_text() + "\n# edited\n")
+    (copy / "train" / "evaluate.py").write_text((copy / "train" / "evaluate.py").read_text() + "\n# edited\n")
     assert provenance.source_hash() != before
 
 

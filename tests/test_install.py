@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from transquant import paths
+from transquant.core import paths
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".git", ".venv", "__pycache__", "build", "dist", "mlruns", "outputs", "multirun", ".cache",
@@ -100,7 +100,7 @@ def test_wheel_installs_and_runs_from_elsewhere(wheel, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "MLFLOW_TRACKING_URI",
                                                             "TRANSQUANT_CACHE")}
     env["PYTHONWARNINGS"] = "ignore"
-    where = subprocess.run([str(py), "-c", "import transquant.paths as p; print(p.__file__); print(p.CONF_DIR)"],
+    where = subprocess.run([str(py), "-c", "import transquant.core.paths as p; print(p.__file__); print(p.CONF_DIR)"],
                            cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr
     module_file, conf_dir = where.stdout.split()

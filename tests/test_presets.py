@@ -5,11 +5,11 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from transquant.config import validate
-from transquant.errors import TransquantError
+from transquant.core.config import validate
+from transquant.core.errors import TransquantError
+from transquant.core.tracking import flatten
 from transquant.run import CONF_DIR
 from transquant.studies.labels import method_label, quant_params
-from transquant.tracking import flatten
 
 from .conftest import TINY
 

@@ -4,9 +4,9 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from transquant import provenance
+from transquant.analysis.statistics import stats_cache_path
+from transquant.core import provenance
 from transquant.pipeline import run_job
-from transquant.statistics import stats_cache_path
 
 FAST = ("profile.enabled=false", "stats.enabled=false")
 

@@ -6,13 +6,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from transquant.errors import TransquantError
-from transquant.paths import CONF_PATH
+from transquant.core.errors import TransquantError
+from transquant.core.paths import CONF_PATH
+from transquant.data.tasks import batches
 from transquant.quant.ptq import WEIGHT_ESTIMATORS, calibrate, plan_sites, quantize_weights_, token_values
 from transquant.quant.quantizers import fake_quantize
 from transquant.quant.ranges import make_groups
 from transquant.quant.sites import find_sites
-from transquant.tasks import batches
 
 from .conftest import random_batches, tiny_bert
 

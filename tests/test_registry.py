@@ -3,16 +3,15 @@ the pipeline uses it, and an unknown name's error lists what is registered."""
 import pytest
 import torch
 
-from transquant.config import validate
+from transquant.core.config import validate
+from transquant.core.errors import TransquantError
+from transquant.core.registry import Registry
 from transquant.deploy.engines import ENGINES, EngineKind, require_engine
 from transquant.deploy.runtime import EngineError
-from transquant.errors import TransquantError
 from transquant.quant.ptq import calibrate, plan_sites, quantize_weights_
 from transquant.quant.quantizers import asymmetric_grid
-from transquant.quant.ranges import (ESTIMATORS, GROUPINGS, WEIGHT_ESTIMATORS, GroupMinMax, RangeEstimator,
-                                     make_groups)
+from transquant.quant.ranges import ESTIMATORS, GROUPINGS, WEIGHT_ESTIMATORS, GroupMinMax, RangeEstimator, make_groups
 from transquant.quant.sites import find_sites
-from transquant.registry import Registry
 
 from .conftest import random_batches, tiny_bert
 

@@ -8,8 +8,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from transquant import cache
-from transquant.errors import TransquantError
+from transquant.core import cache
+from transquant.core.errors import TransquantError
 from transquant.pipeline import run_job
 
 from .conftest import run_cli
@@ -17,7 +17,7 @@ from .conftest import run_cli
 KILLABLE_WRITER = """
 import sys, time
 from pathlib import Path
-from transquant import cache
+from transquant.core import cache
 def build(tmp):
     (tmp / "part1").write_text("x" * 1000)
     print("writing", flush=True)

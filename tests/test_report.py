@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from transquant.core.tracking import flatten
 from transquant.run import CONF_DIR
 from transquant.studies import report as rp
 from transquant.studies import significance as S
@@ -24,7 +25,6 @@ from transquant.studies.queries import ReportError, children_frame
 from transquant.studies.runs import records_frame, run_record
 from transquant.studies.seeds import aggregate, paired_deltas, seed_summary
 from transquant.studies.tables import table_accuracy
-from transquant.tracking import flatten
 
 SEEDS = (1000, 1001, 1002)
 FP32 = {1000: 90.0, 1001: 91.0, 1002: 92.0}

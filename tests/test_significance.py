@@ -10,10 +10,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from scipy.special import comb
 
-from transquant.evaluate import length_order, predictions
 from transquant.studies import report as rp
 from transquant.studies import significance as S
 from transquant.studies.compare import compare
+from transquant.train.evaluate import length_order, predictions
 
 from .conftest import run_cli, tiny_bert
 

@@ -3,12 +3,16 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import (ElectraConfig, ElectraForSequenceClassification, RobertaConfig,
-                          RobertaForSequenceClassification)
+from transformers import (
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
+from transquant.analysis.statistics import fp32_statistics
 from transquant.quant.ptq import calibrate, plan_sites
 from transquant.quant.sites import ArchitectureError, find_sites, select, tap, unmatched, use_tappable_attention
-from transquant.statistics import fp32_statistics
 
 from .conftest import random_batches, tiny_bert
 

@@ -8,13 +8,13 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from transquant import api, models
-from transquant.errors import TransquantError
-from transquant.evaluate import predictions
-from transquant.paths import CONF_PATH
+from transquant.core.errors import TransquantError
+from transquant.core.paths import CONF_PATH
 from transquant.pipeline import run_job
 from transquant.quant.quantizers import fake_quantize
 from transquant.quant.state import STATE_FILE, QuantState, quantize_
 from transquant.studies.significance import PREDICTIONS, load_predictions
+from transquant.train.evaluate import predictions
 
 from .conftest import random_batches, tiny_bert
 

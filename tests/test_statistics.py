@@ -8,15 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import tiny_bert
+from transquant.analysis.accumulators import Reservoir, SiteAccumulator, TokenInfo
+from transquant.analysis.error_attribution import (
+    _ErrorAccumulator,
+    outlier_error_share,
+    quantization_error,
+    sqnr_db,
+    top_error_share,
+)
+from transquant.analysis.histogram import HIST_RESOLUTION, MEDIAN_RESOLUTION, hist_median
+from transquant.analysis.results import STAT_COLUMNS, ActivationStats, SiteStats, top_count
+from transquant.analysis.statistics import cached_fp32_statistics, fp32_statistics, stats_cache_path
+from transquant.analysis.to_mlflow import log_quantization_error, log_statistics
 from transquant.quant.ptq import QuantizedActivations, token_values
 from transquant.quant.quantizers import asymmetric_grid, fake_quantize
 from transquant.quant.sites import RESIDUAL_KINDS, find_sites, tap
-from transquant.statistics import (HIST_RESOLUTION, MEDIAN_RESOLUTION, STAT_COLUMNS, ActivationStats, Reservoir,
-                                   SiteAccumulator, SiteStats, TokenInfo, _ErrorAccumulator, cached_fp32_statistics,
-                                   fp32_statistics, hist_median, log_quantization_error, log_statistics,
-                                   outlier_error_share, quantization_error, sqnr_db, stats_cache_path,
-                                   top_count, top_error_share)
+
+from .conftest import tiny_bert
 
 
 def stats_of(*blocks, tokens=None, reservoir=0):
@@ -258,7 +266,7 @@ def test_model_statistics_match_direct_computation(tiny_stats):
     """Same numbers as capturing the tensors and computing on them directly."""
     model = tiny_bert()
     items = make_items(24)
-    from transquant.tasks import batches
+    from transquant.data.tasks import batches
     captured: dict[str, list[torch.Tensor]] = {}
     site = next(s for s in find_sites(model) if s.name == "layer.1.ffn.residual")
     with torch.no_grad():
@@ -377,7 +385,7 @@ def test_single_quantized_site_error_is_its_own_quantization_noise():
     df = quantization_error(model, copy.deepcopy(model), _qa_for(model, {name: grid}), sites, items, 0, "cpu",
                             batch_size=4).set_index("site")
     # direct: capture the FP32 tensor at that site, non-pad tokens
-    from transquant.tasks import batches
+    from transquant.data.tasks import batches
     xs = []
     site = next(s for s in sites if s.name == name)
     with torch.no_grad():
@@ -441,7 +449,7 @@ def test_stats_command_logs_a_stats_run(make_cfg, tmp_path, capsys, monkeypatch)
 
 
 def test_stats_command_rejects_bad_settings(make_cfg):
-    from transquant.errors import TransquantError
+    from transquant.core.errors import TransquantError
     from transquant.stats import run_stats
 
     with pytest.raises(TransquantError, match="stats.top_k"):

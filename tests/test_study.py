@@ -17,14 +17,14 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from mlflow.tracking import MlflowClient
 
-from transquant.config import validate
+from transquant.core.config import validate
+from transquant.core.tracking import flatten
 from transquant.run import CONF_DIR
 from transquant.studies import report as rp
 from transquant.studies import significance as S
 from transquant.studies.labels import method_label, quant_params
 from transquant.studies.queries import children
 from transquant.studies.runs import records_frame, run_record
-from transquant.tracking import flatten
 
 from .conftest import run_cli
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transquant import evaluate, finetune, models, tasks
+from transquant import models
+from transquant.data import tasks
+from transquant.train import evaluate, finetune
 
 
 def test_pairs_follow_the_vote_rule_balanced_and_deterministic(make_cfg):

@@ -2,10 +2,11 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from transquant import models, provenance, tracking
-from transquant.errors import TransquantError
-from transquant.tasks import load_task
-from transquant.tracking import JobRun, job_key
+from transquant import models
+from transquant.core import provenance, tracking
+from transquant.core.errors import TransquantError
+from transquant.core.tracking import JobRun, job_key
+from transquant.data.tasks import load_task
 
 FAST = ("profile.enabled=false", "stats.enabled=false")
 

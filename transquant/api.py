@@ -18,17 +18,19 @@ from typing import Iterator
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from . import finetune, models
+from . import models
+from .analysis.job import stats_config
+from .analysis.results import ActivationStats
+from .analysis.statistics import fp32_statistics, sample_items
+from .core.paths import CONF_DIR
+from .data.tasks import encode
 from .deploy.build import build_onnx_int8
 from .deploy.runtime import Engine, input_names, ort_engine, sample_batch
-from .evaluate import percent_correct, predictions
-from .paths import CONF_DIR
 from .pipeline import calibration_batches, prepare
 from .quant.sites import find_sites
 from .quant.state import QuantState, quantize_
-from .statistics import ActivationStats, fp32_statistics, sample_items
-from .stats import stats_config
-from .tasks import encode
+from .train import finetune
+from .train.evaluate import percent_correct, predictions
 
 __all__ = ["Job", "QuantState", "quantize_"]
 

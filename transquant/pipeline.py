@@ -14,23 +14,26 @@ from typing import Iterator
 
 import pandas as pd
 import torch
+from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from filelock import FileLock
-
-from . import cache, config, finetune, models, tracking
+from . import models
+from .analysis.error_attribution import quantization_error
+from .analysis.figures import log_figures
+from .analysis.job import figure_k, job_statistics
+from .analysis.statistics import sample_items
+from .analysis.to_mlflow import log_quantization_error, log_statistics
+from .core import cache, config, tracking
+from .core.errors import TransquantError
+from .core.provenance import FP32_EVAL_MODULES, fingerprint
+from .core.tracking import JobRun
+from .data.tasks import DataError, batches, encode, load_task
 from .deploy.profiling import profile_stage
-from .errors import TransquantError
-from .evaluate import percent_correct, predictions
-from .figures import log_figures
-from .provenance import FP32_EVAL_MODULES, fingerprint
 from .quant.state import STATE_FILE, QuantState, quantize_
-from .statistics import log_quantization_error, log_statistics, quantization_error, sample_items
-from .stats import figure_k, job_statistics
 from .studies.significance import PREDICTIONS, job_metrics, save_predictions
-from .tasks import DataError, batches, encode, load_task
-from .tracking import JobRun
+from .train import finetune
+from .train.evaluate import percent_correct, predictions
 
 log = logging.getLogger("transquant")
 

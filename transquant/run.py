@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from .errors import TransquantError  # noqa: E402
-from .paths import CONF_DIR  # noqa: E402,F401  (re-exported: tests import it from here)
+from .core.errors import TransquantError  # noqa: E402
+from .core.paths import CONF_DIR  # noqa: E402,F401  (re-exported: tests import it from here)
 
 
 class SweepStopped(RuntimeError):

@@ -1,0 +1,1 @@
+"""The tasks: GLUE-style sentence pairs from the hub, and the packaged offline task (see ``NOTICE.md``)."""

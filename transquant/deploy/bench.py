@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import BertConfig, BertForSequenceClassification
 
-from ..paths import CONF_PATH as CONF
+from ..core.paths import CONF_PATH as CONF
 from ..quant.ptq import calibrate, plan_sites, quantize_weights_
 from ..quant.sites import find_sites
 from .profiling import profile_stage
@@ -56,7 +56,7 @@ def bench(methods=("mixed",), config: BertConfig | None = None, threads: int = 2
           workdir: Path | None = None, seed: int = 0) -> pd.DataFrame:
     """One row of profile metrics per method for a random-weight model of ``config`` (BERT-base
     by default)."""
-    from ..tasks import batches
+    from ..data.tasks import batches
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

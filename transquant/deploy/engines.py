@@ -14,11 +14,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..core.registry import Registry
 from ..quant.quantizers import Grid
-from ..registry import Registry
 from .build import build_onnx_int8, int8_weight_grids
-from .runtime import (Engine, EngineError, input_names, ort_engine, ort_timing_runner, torch_runner,
-                      torch_timing_runner)
+from .runtime import Engine, EngineError, input_names, ort_engine, ort_timing_runner, torch_runner, torch_timing_runner
 
 ENGINES = Registry("profile.engine", EngineError)  # EngineKind subclasses, at the end of this module
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TransquantError
-from ..evaluate import percent_correct
+from ..core.errors import TransquantError
+from ..train.evaluate import percent_correct
 
 INPUT_ORDER = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -71,8 +71,8 @@ class Engine:
 
     def predictions(self, items: list[dict], batch_size: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted, true) labels over items, in the same length-sorted order as
-        :func:`transquant.evaluate.predictions`."""
-        from ..tasks import batches
+        :func:`transquant.train.evaluate.predictions`."""
+        from ..data.tasks import batches
 
         preds, labels = [], []
         for batch in batches(items, batch_size, pad_id, by_length=True):

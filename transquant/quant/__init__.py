@@ -1,1 +1,1 @@
-"""Fake quantization of BERT-family encoders: quantizers, range estimators, sites, and the verb."""
+"""Fake quantization of transformers: quantizers, range estimators, sites, and the verb."""

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..errors import TransquantError
+from ..core.errors import TransquantError
 from .quantizers import Grid, asymmetric_grid, fake_quantize, symmetric_grid
 from .ranges import ESTIMATORS, WEIGHT_ESTIMATORS, RangeEstimator, make_groups
 from .sites import Site, select, tap, use_tappable_attention

@@ -24,7 +24,7 @@ import math
 import torch
 from scipy.optimize import minimize_scalar
 
-from ..registry import Registry
+from ..core.registry import Registry
 from .quantizers import symmetric_grid
 
 # RangeEstimator subclasses, each made per site by ``from_plan``.

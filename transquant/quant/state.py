@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import TransquantError
+from ..core.errors import TransquantError
 from .ptq import QuantizedActivations, SitePlan, calibrate, plan_sites, quantize_weights_
 from .quantizers import Grid, quantize
 from .sites import ATTN_IMPLEMENTATION, find_sites, use_tappable_attention

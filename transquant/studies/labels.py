@@ -11,8 +11,7 @@ import ast
 import functools
 import re
 
-from ..paths import CONF_PATH as CONF_DIR
-
+from ..core.paths import CONF_PATH as CONF_DIR
 
 # Display order of method families in every table (unknown families sort after, by name).
 FAMILY_ORDER = ("fp32", "w8a32", "w32a8", "w8a8", "mixed", "peg", "percentile")

@@ -59,7 +59,7 @@ DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 def report(studies: list[str], tracking_uri: str = DEFAULT_URI, out: str | Path | None = None,
            experiment: str | None = None, all_runs: bool = False, log: bool = True) -> Path:
     """Build the report of one or more studies; returns the output directory."""
-    from ..tracking import client_for
+    from ..core.tracking import client_for
 
     client = client_for(tracking_uri)
     parents = resolve_all(client, studies, experiment, all_runs)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give a study name or parent run id (or --compare RUN_ID RUN_ID)")
     try:
         if args.compare:
-            from ..tracking import client_for
+            from ..core.tracking import client_for
 
             client = client_for(args.tracking_uri)
             parents = resolve_all(client, args.study, args.experiment, args.all)

@@ -1,7 +1,7 @@
 """Studies and searches on top of a multirun: a Hydra callback and a multi-objective entry point.
 
 :class:`StudyCallback` (registered by ``conf/experiment/*.yaml`` and ``conf/search/*.yaml`` under
-``hydra.callbacks.study``) runs after :class:`transquant.tracking.MultirunParent` has opened the
+``hydra.callbacks.study``) runs after :class:`transquant.core.tracking.MultirunParent` has opened the
 sweep's parent MLflow run:
 
 * at the start it tags the parent ``transquant.study=<name>`` (how ``python -m transquant.report
@@ -29,9 +29,9 @@ import hydra  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from ..errors import TransquantError  # noqa: E402
-from ..paths import CONF_DIR  # noqa: E402
-from ..tracking import PARENT_ENV  # noqa: E402
+from ..core.errors import TransquantError  # noqa: E402
+from ..core.paths import CONF_DIR  # noqa: E402
+from ..core.tracking import PARENT_ENV  # noqa: E402
 
 log = logging.getLogger("transquant")
 
@@ -64,7 +64,7 @@ class StudyCallback(Callback):
         self.parent: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from ..tracking import client_for
+        from ..core.tracking import client_for
 
         self.parent = os.environ.get(PARENT_ENV)
         if not self.parent:
@@ -86,7 +86,7 @@ class StudyCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.parent:
             return
-        from ..tracking import client_for
+        from ..core.tracking import client_for
         from .publish import log_metrics, mark_best
         from .queries import children_frame
         from .seeds import study_metrics
@@ -114,7 +114,7 @@ def count_sites(sites, plans, act_bits) -> dict[str, int]:
 
 def site_counts(cfg: DictConfig) -> dict[str, int]:
     """:func:`count_sites` of a config, from the model's module tree alone (no weights loaded)."""
-    from ..config import validate_against_model
+    from ..core.config import validate_against_model
     from ..quant.ptq import plan_sites
 
     sites = validate_against_model(cfg)
@@ -124,7 +124,7 @@ def site_counts(cfg: DictConfig) -> dict[str, int]:
 def job_run_id(cfg: DictConfig) -> str | None:
     """The MLflow run that holds this job's result: the newest FINISHED run with the job's key
     (the one run_job just closed, or the earlier run it reused with resume=true)."""
-    from ..tracking import job_key, previous_runs
+    from ..core.tracking import job_key, previous_runs
 
     finished, _ = previous_runs(cfg, job_key(cfg))
     return finished.info.run_id if finished is not None else None
@@ -135,7 +135,7 @@ def objective_values(cfg: DictConfig, result) -> tuple[float, ...] | float:
     objectives = list(cfg.get("objectives") or [])
     if not objectives or isinstance(result, (tuple, list)):
         return result
-    from ..tracking import client_for
+    from ..core.tracking import client_for
 
     counts = site_counts(cfg)
     values: dict[str, float] = {"accuracy": float(result), **counts}

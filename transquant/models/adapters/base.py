@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...quant.sites import (ATTENTION_KINDS, LAYER_SITE_NAMES, OUTER_SITE_NAMES, ArchitectureError, Site)
-from ...registry import Registry
+from ...core.registry import Registry
+from ...quant.sites import ATTENTION_KINDS, LAYER_SITE_NAMES, OUTER_SITE_NAMES, ArchitectureError, Site
 
 NORM_PLACEMENTS = ("post", "pre")
 SIDES = ("output", "input", "scores", "probs")

@@ -8,13 +8,13 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification
 
-from . import models
-from .deploy.engines import ENGINES
+from .. import models
+from ..deploy.engines import ENGINES
+from ..quant.ptq import SHARE_GROUPS, plan_sites
+from ..quant.ranges import ESTIMATORS, GROUPINGS, WEIGHT_ESTIMATORS
+from ..quant.sites import ArchitectureError, Site, find_sites, select, unmatched
 from .errors import TransquantError
-from .quant.ptq import SHARE_GROUPS, plan_sites
-from .quant.ranges import ESTIMATORS, GROUPINGS, WEIGHT_ESTIMATORS
 from .tracking import check_artifacts, check_uri
-from .quant.sites import ArchitectureError, Site, find_sites, select, unmatched
 
 TASKS = ("qnli-squad", "qnli", "synthetic")
 DEVICES = ("cpu", "cuda")

@@ -11,18 +11,19 @@ import importlib.metadata
 from functools import lru_cache
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the transquant package
 LIBRARIES = ("torch", "transformers", "onnxruntime", "onnx")
 
 # The code each cache depends on, in one place. A package name stands for every module in it
 # (so a new adapter file is covered without touching this list).
 # A fine-tuned checkpoint's weights:
-FINETUNE_MODULES = ("transquant.finetune", "transquant.models.loading", "transquant.tasks")
+FINETUNE_MODULES = ("transquant.train.finetune", "transquant.models.loading", "transquant.data.tasks")
 # The cached FP32 predictions of a checkpoint:
-FP32_EVAL_MODULES = ("transquant.evaluate", "transquant.tasks", "transquant.models.loading")
+FP32_EVAL_MODULES = ("transquant.train.evaluate", "transquant.data.tasks", "transquant.models.loading")
 # The cached FP32 statistics (token masks, site taps, batching, loading):
-STATS_MODULES = ("transquant.statistics", "transquant.quant.ptq", "transquant.quant.sites", "transquant.models.adapters",
-                 "transquant.tasks", "transquant.models.loading")
+STATS_MODULES = ("transquant.analysis.accumulators", "transquant.analysis.histogram", "transquant.analysis.results",
+                 "transquant.analysis.statistics", "transquant.quant.ptq", "transquant.quant.sites",
+                 "transquant.models.adapters", "transquant.data.tasks", "transquant.models.loading")
 
 
 def _files(modules: tuple[str, ...] | None) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Figures of the outlier study, from :class:`~transquant.statistics.ActivationStats` (PNG).
+"""Figures of the outlier study, from :class:`~transquant.analysis.results.ActivationStats` (PNG).
 
 Matplotlib is used through its object API on the Agg canvas (no ``pyplot``), so nothing global
 is touched and figures can be made from any thread or worker. Every figure states what was
@@ -24,10 +24,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from .quant.quantizers import asymmetric_grid
-from .quant.ranges import make_groups
-from .quant.sites import RESIDUAL_KINDS
-from .statistics import ActivationStats, SiteStats, outlier_error_share, top_count
+from ..quant.quantizers import asymmetric_grid
+from ..quant.ranges import make_groups
+from ..quant.sites import RESIDUAL_KINDS
+from .error_attribution import outlier_error_share
+from .results import ActivationStats, SiteStats, top_count
 
 FIGURES = ("depth_curves.png", "outlier_map.png", "worst_layer_histogram.png", "peg_ranges.png", "sqnr.png")
 BITS = 8

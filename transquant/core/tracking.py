@@ -147,8 +147,8 @@ def job_key(cfg: DictConfig, task=None) -> str:
     re-run would give the same ones — the config (minus where things are stored, how the sweep
     runs and the knobs of disabled stages), the transquant source, the library versions, the task
     data and the starting weights. ``task``: the loaded task, if the caller has it."""
-    from .models import identity
-    from .tasks import load_task
+    from ..data.tasks import load_task
+    from ..models import identity
 
     body = OmegaConf.to_container(cfg, resolve=True)
     for k in ("hydra", "tracking", "paths", "resume", "on_error", "objectives"):

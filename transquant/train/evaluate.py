@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import batches, n_batches
+from ..data.tasks import batches, n_batches
 
 
 def length_order(items: list[dict]) -> list[int]:

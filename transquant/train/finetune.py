@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import cache, models, provenance
-from .tasks import Task, batches, encode, n_batches
+from .. import models
+from ..core import cache, provenance
+from ..data.tasks import Task, batches, encode, n_batches
 
 
 class TrainingError(RuntimeError):

@@ -1,0 +1,1 @@
+"""Why PTQ fails: FP32 activation statistics, quantization-error attribution, figures."""

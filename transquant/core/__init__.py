@@ -1,0 +1,1 @@
+"""Shared plumbing: errors, caching, MLflow tracking, config validation, paths, provenance, registries."""
