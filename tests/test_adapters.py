@@ -1,31 +1,38 @@
 """Model adapters: every family's tiny model maps to sites in forward order, its residual sums are
 the tensors the model really adds, and calibration, quantization and evaluation run on it."""
 import copy
+import importlib
 import random
 from functools import lru_cache
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import MPNetConfig, MPNetForSequenceClassification, OPTConfig, OPTForSequenceClassification
+from transformers import (
+    AutoTokenizer,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
+    OPTConfig,
+    OPTForSequenceClassification,
+)
 
 from transquant import models
 from transquant.core.config import validate_against_model
 from transquant.core.paths import CONF_PATH
-from transquant.data.tasks import batches
+from transquant.data.tasks import Example, batches, encode
 from transquant.models.adapters import ADAPTERS, adapter_for
 from transquant.models.adapters.base import get
 from transquant.quant.ptq import calibrate, plan_sites, token_values
-from transquant.quant.sites import ArchitectureError, find_sites, tap, use_tappable_attention
+from transquant.quant.sites import ATTENTION_KINDS, ArchitectureError, Site, find_sites, tap, use_tappable_attention
 from transquant.quant.state import QuantState, quantize_
 from transquant.train.evaluate import percent_correct, predictions
 
 # Hydra model option -> (family, sites: 2 embedding + 13 per layer (GPT-2: 11, OPT: 13 with no
-# embedding norm) + final norm / pooler + logits).
+# embedding norm; MPNet: 11, no attention scores/probs) + final norm / pooler + logits).
 TINY = {"tiny": ("bert", 2 + 13 * 2 + 2), "tiny-electra": ("bert", 2 + 13 * 2 + 1),
         "tiny-distilbert": ("distilbert", 2 + 13 * 2 + 2), "tiny-roberta-preln": ("roberta-prelayernorm", 2 + 13 * 2 + 2),
-        "tiny-gpt2": ("gpt2", 1 + 11 * 2 + 2), "tiny-opt": ("opt", 1 + 13 * 2 + 2)}
-HUB = {"gpt2": 768, "opt-125m": 768, "roberta-base": 768, "distilbert-base-uncased": 768}
+        "tiny-gpt2": ("gpt2", 1 + 11 * 2 + 2), "tiny-opt": ("opt", 1 + 13 * 2 + 2), "tiny-mpnet": ("mpnet", 2 + 11 * 2 + 1)}
+HUB = {"gpt2": 768, "opt-125m": 768, "roberta-base": 768, "distilbert-base-uncased": 768, "mpnet-base": 768}
 QUANT = OmegaConf.load(CONF_PATH / "quant" / "fp32.yaml")
 
 
@@ -45,17 +52,19 @@ def tiny(name: str) -> torch.nn.Module:
     return model
 
 
-def items(lengths, seed=0) -> list[dict]:
+def items(name: str, lengths, seed=0) -> list[dict]:
+    """Random sequences, with token type ids only for a family that has segment embeddings."""
     rng = random.Random(seed)
-    return [{"input_ids": [rng.randrange(1, 1000) for _ in range(n)], "token_type_ids": [0] * n,
+    types = ADAPTERS[TINY[name][0]].segments
+    return [{"input_ids": [rng.randrange(1, 1000) for _ in range(n)], **({"token_type_ids": [0] * n} if types else {}),
              "attention_mask": [1] * n, "labels": i % 2} for i, n in enumerate(lengths)]
 
 
 LENGTHS = [3, 30, 5, 20, 7, 17, 4, 25]
 
 
-def one_batch(seed=0) -> dict:
-    batch = next(batches(items(LENGTHS[:4], seed), 4, 0))
+def one_batch(name: str, seed=0) -> dict:
+    batch = next(batches(items(name, LENGTHS[:4], seed), 4, 0))
     batch.pop("labels")
     return batch
 
@@ -69,7 +78,7 @@ def record(model, sites, batch) -> list[tuple[str, torch.Tensor]]:
 
 
 def test_registry_lists_every_family():
-    assert list(ADAPTERS) == ["bert", "distilbert", "gpt2", "opt", "roberta-prelayernorm"]
+    assert list(ADAPTERS) == ["bert", "distilbert", "gpt2", "mpnet", "opt", "roberta-prelayernorm"]
     for name, (family, _) in TINY.items():
         assert adapter_for(_built(name)).family == family, name
 
@@ -79,7 +88,7 @@ def test_sites_fire_once_each_in_forward_order_at_their_width(name):
     model = tiny(name)
     sites = find_sites(model)
     assert len(sites) == TINY[name][1]
-    seen = record(model, sites, one_batch())
+    seen = record(model, sites, one_batch(name))
     assert [n for n, _ in seen] == [s.name for s in sites]  # every tap fires, attention taps included
     width = {s.name: s.channels for s in sites}
     for n, x in seen:
@@ -101,7 +110,7 @@ def test_residual_sums_are_the_tensors_the_blocks_add(name):
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: block_in.__setitem__(i, a[0])) for i, b in enumerate(blocks)]
     hooks += [b.register_forward_hook(lambda m, a, out, i=i: block_out.__setitem__(i, out[0] if isinstance(out, tuple)
                                                                                    else out)) for i, b in enumerate(blocks)]
-    seen = dict(record(model, find_sites(model), one_batch()))
+    seen = dict(record(model, find_sites(model), one_batch(name)))
     for h in hooks:
         h.remove()
     pre = adapter.norm == "pre"
@@ -123,7 +132,7 @@ def test_ranges_do_not_depend_on_padding(name):
     sites = find_sites(model)
     plans = plan_sites(sites, OmegaConf.merge(QUANT, {"act_bits": 8}))
     assert len(plans) == len(sites)
-    data = items(LENGTHS)
+    data = items(name, LENGTHS)
     alone = calibrate(model, sites, plans, list(batches(data, 1, 0)), torch.device("cpu"))
     padded = calibrate(model, sites, plans, list(batches(data, 8, 0)), torch.device("cpu"))
     for s in sites:
@@ -139,7 +148,7 @@ def test_causal_attention_ranges_leave_out_future_keys():
     model = tiny("tiny-gpt2")
     site = next(s for s in find_sites(model) if s.name == "layer.1.attn.scores")
     assert site.causal
-    batch = one_batch()
+    batch = one_batch("tiny-gpt2")
     (_, raw), = record(model, [site], batch)
     qa = calibrate(model, [site], plan_sites([site], OmegaConf.merge(QUANT, {"act_bits": 8})), [batch],
                    torch.device("cpu"))
@@ -153,7 +162,7 @@ def test_causal_attention_ranges_leave_out_future_keys():
 @pytest.mark.parametrize("name", TINY)
 def test_quantized_model_evaluates_and_its_state_reapplies(name, tmp_path):
     model = tiny(name)
-    data = items(LENGTHS)
+    data = items(name, LENGTHS)
     fp32 = predictions(model, data, 4, 0, torch.device("cpu"))[0]
     q = OmegaConf.merge(QUANT, OmegaConf.load(CONF_PATH / "quant" / "peg_paper.yaml"),
                         {"k": 2, "weight_estimator": "minmax"})  # MSE weight ranges: slow on a 30522-word vocabulary
@@ -162,12 +171,12 @@ def test_quantized_model_evaluates_and_its_state_reapplies(name, tmp_path):
     assert len(state.weights) == sum(1 for m in model.modules() if hasattr(m, "weight") and m.weight.dim() == 2)
     with state.active(model):
         pred, true = predictions(model, data, 4, 0, torch.device("cpu"))
-        logits = model(**one_batch()).logits
+        logits = model(**one_batch(name)).logits
     assert 0 <= percent_correct(pred, true) <= 100 and pred.shape == fp32.shape
     loaded = QuantState.load(state.save(tmp_path / "state.safetensors"))
     fresh = loaded.apply(tiny(name))
     with loaded.active(fresh):
-        assert torch.equal(fresh(**one_batch()).logits, logits)
+        assert torch.equal(fresh(**one_batch(name)).logits, logits)
 
 
 @pytest.mark.parametrize("name", [*TINY, *HUB])
@@ -189,14 +198,26 @@ def test_decoders_pad_with_the_tokenizer_pad_id():
 
 
 def test_unknown_architecture_names_what_no_adapter_maps():
-    model = MPNetForSequenceClassification(MPNetConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                                       intermediate_size=64, vocab_size=100))
+    model = DebertaV2ForSequenceClassification(DebertaV2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                               intermediate_size=64, vocab_size=100))
     with pytest.raises(ArchitectureError) as err:
         find_sites(model)
     msg = str(err.value)
-    assert msg.startswith("MPNetForSequenceClassification: no registered adapter maps this model")
-    assert "bert cannot map mpnet.encoder.layer.0.attention.self.query" in msg
-    assert "registered: bert, distilbert, gpt2, opt, roberta-prelayernorm" in msg and "\n" not in msg
+    assert msg.startswith("DebertaV2ForSequenceClassification: no registered adapter maps this model")
+    assert "bert cannot map deberta.encoder.layer.0.attention.self.query" in msg
+    assert "mpnet cannot map deberta.encoder.layer.0.attention.attn.q" in msg
+    assert "registered: bert, distilbert, gpt2, mpnet, opt, roberta-prelayernorm" in msg and "\n" not in msg
+
+
+def test_mpnet_attention_scores_and_probs_are_not_sites():
+    """MPNet computes its attention (with the relative position bias) itself, never through the
+    registered kernel: a scores/probs tap on it would never fire, so its layout has none (its
+    scores and probabilities are never quantized)."""
+    model = tiny("tiny-mpnet")
+    assert not {s.kind for s in find_sites(model)} & set(ATTENTION_KINDS)
+    attn = model.mpnet.encoder.layer[0].attention.attn
+    taps = [Site(f"probe.{side}", kind, 0, attn, side, None) for kind, side in zip(ATTENTION_KINDS, ("scores", "probs"))]
+    assert record(model, taps, one_batch("tiny-mpnet")) == []
 
 
 def test_post_ln_opt_is_refused_by_name():
@@ -210,3 +231,55 @@ def test_post_ln_opt_is_refused_by_name():
 def test_a_wrong_model_type_is_an_error_naming_the_families():
     with pytest.raises(models.ModelError, match=r"model.model_type=gtp2: .* families with site adapters are bert"):
         models.model_config(OmegaConf.merge(model_cfg("tiny-gpt2"), {"model_type": "gtp2"}))
+
+
+# --- token type ids: only for families with segment embeddings ---------------------------------
+
+SEGMENTS = {"bert": True, "distilbert": False, "gpt2": False, "mpnet": False, "opt": False,
+            "roberta-prelayernorm": True}
+PAIRS = [Example("where is the violin?", "river castle violin.", 0), Example("where is the rocket?", "meadow.", 1)]
+
+
+def family_batch(name: str) -> dict:
+    """Two encoded pairs batched as every entry point batches them (the family's tokenizer)."""
+    tok = models.load_tokenizer(model_cfg(name))
+    batch = next(batches(encode(tok, PAIRS, 32), 2, tok.pad_token_id))
+    batch.pop("labels")
+    return batch
+
+
+def test_every_family_says_whether_it_has_segment_embeddings():
+    assert {name: ADAPTERS[name].segments for name in ADAPTERS} == SEGMENTS
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_batches_carry_token_types_only_for_families_with_segment_embeddings(name):
+    batch = family_batch(name)
+    assert ("token_type_ids" in batch) == SEGMENTS[TINY[name][0]]
+    # the tokens themselves are the borrowed tokenizer's, whatever the family
+    raw = AutoTokenizer.from_pretrained(str(importlib.import_module(model_cfg(name).tokenizer).get_model_path()))
+    enc = raw([e.question for e in PAIRS], [e.sentence for e in PAIRS], padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], enc["input_ids"]) and torch.equal(batch["attention_mask"], enc["attention_mask"])
+    if "token_type_ids" in batch:  # BERT family: exactly as before, the second sentence is segment 1
+        assert torch.equal(batch["token_type_ids"], enc["token_type_ids"]) and batch["token_type_ids"].max() == 1
+
+
+def test_gpt2_is_not_given_token_types_it_would_read_as_words():
+    """GPT-2 looks ``token_type_ids`` up in its word embeddings: with the tokenizer's segment ids
+    its logits change, so a batch must not carry them."""
+    model = tiny("tiny-gpt2")
+    batch = family_batch("tiny-gpt2")
+    assert "token_type_ids" not in batch
+    with torch.no_grad():
+        logits = model(**batch).logits
+        segments = family_batch("tiny")["token_type_ids"]  # what the MiniLM tokenizer gave it before
+        assert not torch.allclose(model(**batch, token_type_ids=segments).logits, logits, atol=1e-4)
+
+
+def test_load_pretrained_reuses_a_known_pad_id_and_loads_the_tokenizer_at_most_once(monkeypatch):
+    calls = []
+    load = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(a) or load(*a, **k))
+    cfg = model_cfg("tiny-gpt2")
+    assert models.load_pretrained(cfg, num_labels=2, seed=0, pad_token_id=0).config.pad_token_id == 0 and not calls
+    assert models.load_pretrained(cfg, num_labels=2, seed=0).config.pad_token_id == 0 and len(calls) == 1

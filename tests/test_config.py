@@ -56,10 +56,10 @@ def test_model_dir_without_config(make_cfg, tmp_path):
 
 
 def test_model_dir_that_is_not_a_classifier(make_cfg, tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "mpnet", "hidden_size": 32, "num_hidden_layers": 1, '
+    (tmp_path / "config.json").write_text('{"model_type": "deberta-v2", "hidden_size": 32, "num_hidden_layers": 1, '
                                           '"num_attention_heads": 4, "intermediate_size": 64}')
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(TransquantError, match="MPNetForSequenceClassification: no registered adapter maps"):
+    with pytest.raises(TransquantError, match="DebertaV2ForSequenceClassification: no registered adapter maps"):
         validate(make_cfg(f"model.name_or_path={tmp_path}"))
 
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from onnx import TensorProto, numpy_helper
 
 from tests.conftest import random_batches, tiny_bert
-from transquant.deploy.build import build_onnx_int8, int8_weight_grids
+from transquant.deploy.build import build_onnx_int8, int8_weights
 from transquant.deploy.engines import build_torch_int8, ort_dynamic_int8, require_engine
 from transquant.deploy.export import export_onnx
 from transquant.deploy.qdq import ActQuant, GraphEditor, quantize_activation
@@ -25,8 +25,8 @@ from transquant.deploy.runtime import (
     sample_batch,
     torch_runner,
 )
-from transquant.quant.ptq import calibrate, plan_sites, quantize_weights_
-from transquant.quant.sites import find_sites
+from transquant.quant.quantizers import symmetric_grid
+from transquant.quant.state import QuantState, WeightState, quantize_
 from transquant.run import CONF_DIR
 from transquant.train.evaluate import predictions
 
@@ -49,20 +49,16 @@ def items_from(batches: list[dict]) -> list[dict]:
     return out
 
 
-def quantized(method: str, **over):
-    """(fp32 model, fake-quant model, qa, weight grids) for a tiny BERT calibrated on random
+def quantized(method: str, **over) -> tuple[torch.nn.Module, torch.nn.Module, QuantState]:
+    """(fp32 model, fake-quant model, its quant state) for a tiny BERT calibrated on random
     batches. The head is scaled up so logit margins exceed quantization noise (a random head's
     logits nearly tie)."""
     fp32 = tiny_bert()
     with torch.no_grad():
         fp32.classifier.weight.mul_(30)
-    q = quant_cfg(method, **over)
     model = copy.deepcopy(fp32)
-    sites = find_sites(model)
-    plans = plan_sites(sites, q)
-    grids = quantize_weights_(model, q.weight_bits, q.weight_estimator)
-    qa = calibrate(model, sites, plans, random_batches(4), torch.device("cpu")) if plans else None
-    return fp32, model, qa, grids
+    state = quantize_(model, quant_cfg(method, **over), random_batches(4), torch.device("cpu"))
+    return fp32, model, state
 
 
 VAL = items_from(random_batches(16, 4, 12, seed=1))  # 64 sequences, a quarter of them padded
@@ -78,11 +74,11 @@ def one_thread():
 
 
 def build(tmp_path, method: str, storage: str = "u8", **over):
-    """(fp32, fake-quant model, qa, engine path, report) of the tiny model."""
-    fp32, model, qa, grids = quantized(method, **over)
-    _, path, report = build_onnx_int8(fp32, model, qa, grids, sample_batch(VAL, pad_id=0), tmp_path,
-                                        weight_storage=storage, threads=1)
-    return fp32, model, qa, path, report
+    """(fp32, fake-quant model, quant state, engine path, report) of the tiny model."""
+    fp32, model, state = quantized(method, **over)
+    _, path, report = build_onnx_int8(fp32, model, state, sample_batch(VAL, pad_id=0), tmp_path,
+                                      weight_storage=storage, threads=1)
+    return fp32, model, state, path, report
 
 
 def engine_of(path) -> Engine:
@@ -98,14 +94,14 @@ def test_engine_predictions_match_fake_quant(tmp_path, method, over):
     the elements per site on a 2-layer model; over 64 sequences with widened logit margins that
     flips at most ~1 prediction, so >= 62/64 (97 %) agree. Observed: 64/64.
     """
-    _, model, qa, path, report = build(tmp_path, method, **over)
+    _, model, state, path, report = build(tmp_path, method, **over)
     pred_engine, true = engine_of(path).predictions(VAL, 16, pad_id=0)
-    with torch.no_grad(), (qa.active() if qa else torch.no_grad()):
+    with torch.no_grad(), state.active(model):
         pred_fq, true_fq = predictions(model, VAL, 16, 0, torch.device("cpu"))
     assert torch.equal(true, true_fq)
     assert (pred_engine == pred_fq).float().mean().item() >= 62 / 64
-    if qa is not None:
-        assert sorted(report.site_bits) == sorted(qa.grids)  # every quantized site has its QDQ
+    if state.sites:
+        assert sorted(report.site_bits) == sorted(state.sites)  # every quantized site has its QDQ
         assert len(set(report.site_tensors.values())) == len(report.site_tensors)  # one tensor per site
         assert report.code_agreement >= 0.999
     if method == "peg":
@@ -113,14 +109,14 @@ def test_engine_predictions_match_fake_quant(tmp_path, method, over):
 
 
 def test_engine_logits_close_to_fake_quant(tmp_path):
-    _, model, qa, path, _ = build(tmp_path, "mixed")
+    _, model, state, path, _ = build(tmp_path, "mixed")
     batch = fixed_batch(VAL, 0, 8, 12)
-    with torch.no_grad(), qa.active():
+    with torch.no_grad(), state.active(model):
         ref = model(**batch).logits.numpy()
     got = engine_of(path).logits(batch)
     # Both sides end on the same 8-bit logits grid: differences are whole codes, and a row
     # differs only where a float tie at some site rounded the other way and propagated.
-    codes = (got - ref) / float(qa.grids["logits"].scale)
+    codes = (got - ref) / float(state.grids["logits"].scale)
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
     assert (codes == 0).all(axis=1).mean() >= 0.75
 
@@ -129,8 +125,8 @@ def test_mixed_engine_has_real_16bit_qdq(tmp_path):
     """``mixed``'s 16-bit sites are uint16 QuantizeLinear/DequantizeLinear in the engine (it used
     to leave them float, a W8A{8,32} engine), with the model's 16-bit grid; the 8-bit sites stay
     uint8 and the label says W8A{8,16}."""
-    _, _, qa, path, report = build(tmp_path, "mixed")
-    high = {s for s, g in qa.grids.items() if g.qmax == 65535}
+    _, _, state, path, report = build(tmp_path, "mixed")
+    high = {s for s, g in state.grids.items() if g.qmax == 65535}
     assert high and {s for s, b in report.site_bits.items() if b == 16} == high
     assert report.precision == "W8A{8,16}"
     g = onnx.load(str(path)).graph
@@ -139,7 +135,7 @@ def test_mixed_engine_has_real_16bit_qdq(tmp_path):
     for site, (codes, elem) in report.site_codes.items():
         q = quant[codes]
         zero, scale = inits[q.input[2]], inits[q.input[1]]
-        grid = qa.grids[site]
+        grid = state.grids[site]
         if site in high:
             assert (q.domain, elem, zero.dtype) == ("com.microsoft", TensorProto.UINT16, np.uint16)
         else:
@@ -152,9 +148,9 @@ def test_mixed_engine_has_real_16bit_qdq(tmp_path):
 def test_weights_are_int8_in_the_file(tmp_path):
     """Size accounting: every Linear/Embedding weight is stored as 8-bit integers; the reported
     size is the file's byte count."""
-    fp32, model, qa, grids = quantized("w8a8")
+    fp32, model, state = quantized("w8a8")
     sample = sample_batch(VAL, pad_id=0)
-    fp_path, path, report = build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, weight_storage="s8")
+    fp_path, path, report = build_onnx_int8(fp32, model, state, sample, tmp_path, weight_storage="s8")
     n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
     proto = onnx.load(str(path))
     int8_elems = sum(int(np.prod(i.dims)) for i in proto.graph.initializer
@@ -180,30 +176,73 @@ def test_int8_weights_are_our_grid(tmp_path):
     np.testing.assert_allclose(ints.astype(np.float32) * scale, word, rtol=0, atol=1e-7)
 
 
+def _int8_initializers(path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+            if i.data_type == TensorProto.INT8}
+
+
 def test_engine_takes_the_weight_grids_it_is_given(tmp_path):
-    """The engine stores the grids ``quantize_weights_`` returned (an MSE range is not max|w|/127),
-    and refuses a weight that is not on its grid instead of storing other integers."""
-    fp32, model, qa, grids = quantized("w8a8", weight_estimator="mse")
+    """The engine stores the state's grids (an MSE range is not max|w|/127), and refuses a model
+    whose weight is not the state's instead of storing other integers."""
+    fp32, model, state = quantized("w8a8", weight_estimator="mse")
     name = "bert.encoder.layer.0.intermediate.dense"
     w = model.get_submodule(name).weight
-    assert float(grids[name].scale) < float(w.detach().abs().max()) / 127  # MSE clips: not the max-abs grid
+    assert float(state.weights[name].grid.scale) < float(w.detach().abs().max()) / 127  # MSE clips
     sample = sample_batch(VAL, pad_id=0)
-    _, path, report = build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, threads=1)
+    *_, report = build_onnx_int8(fp32, model, state, sample, tmp_path, threads=1)
     assert name in report.int8_weights
     with torch.no_grad():
-        w.add_(float(grids[name].scale) / 3)  # off the grid
-    with pytest.raises(EngineError, match=f"weight of {name} is not on the grid"):
-        build_onnx_int8(fp32, model, qa, grids, sample, tmp_path / "off", threads=1)
+        w.add_(float(state.weights[name].grid.scale) / 3)  # off the grid
+    with pytest.raises(EngineError, match=f"weight of {name} is not an initializer .* quant state's values"):
+        build_onnx_int8(fp32, model, state, sample, tmp_path / "off", threads=1)
 
 
-def test_int8_weight_grids_keeps_only_8_bit_grids():
-    from transquant.quant.quantizers import symmetric_grid
+@pytest.mark.parametrize("name,layout", [("bert.encoder.layer.0.intermediate.dense", "folded MatMul, [in, out]"),
+                                         ("classifier", "Gemm rewritten as MatMul, under its name"),
+                                         ("bert.embeddings.word_embeddings", "Gather table, under its name")])
+def test_engine_writes_the_state_codes_not_requantized_weights(tmp_path, name, layout):
+    """The int8 initializers are the state's codes. One code moved by one step (so it is no
+    longer round(w / scale) of the FP32 weight): applied to a fresh FP32 copy, the moved code is in
+    the engine; left off the model (whose weight is then not the state's), the build refuses,
+    naming the module."""
+    fp32, model, state = quantized("w8a8")
+    ws = state.weights[name]
+    codes = ws.codes.clone()
+    i = int(torch.argmin(codes.abs()))  # a code with room on both sides
+    codes.view(-1)[i] += 1
+    moved = QuantState(state.config, state.sites, {**state.weights, name: WeightState(ws.grid, codes)})
+    sample = sample_batch(VAL, pad_id=0)
+    with pytest.raises(EngineError, match=name):
+        build_onnx_int8(fp32, model, moved, sample, tmp_path / "stale", weight_storage="s8", threads=1)
 
-    model = tiny_bert()
-    grids = quantize_weights_(model, 8)
-    grids["classifier"] = symmetric_grid(torch.tensor(1.0), 16)  # a 16-bit grid stays float
-    kept = int8_weight_grids(model, grids)
-    assert "classifier" not in kept and len(kept) == len(grids) - 1
+    applied = moved.apply(copy.deepcopy(fp32))
+    _, path, report = build_onnx_int8(fp32, applied, moved, sample, tmp_path, weight_storage="s8", threads=1)
+    assert name in report.int8_weights
+    want = codes.numpy().astype(np.int8)
+    stored = [v for v in _int8_initializers(path).values() if v.shape in (want.shape, want.T.shape)]
+    assert any(np.array_equal(v, want) or np.array_equal(v, want.T) for v in stored), layout
+
+
+def test_gemm_weight_keeps_its_parameter_name(tmp_path):
+    """torch.onnx keeps the names of the parameters it does not fold (Gemm, Gather): after the
+    Gemm -> MatMul rewrite the classifier's [in, out] weight still carries it."""
+    from transquant.deploy.export import gemm_to_matmul, param_name
+
+    fp32, *_ = quantized("fp32")
+    proto = onnx.load(str(export_onnx(fp32, sample_batch(VAL, pad_id=0), tmp_path / "m.onnx")))
+    assert gemm_to_matmul(proto) == 2
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    np.testing.assert_array_equal(inits[param_name("classifier")], fp32.classifier.weight.detach().numpy().T)
+    assert param_name("bert.embeddings.word_embeddings") in inits
+
+
+def test_int8_weights_keeps_only_8_bit_grids():
+    *_, state = quantized("w8a8")
+    ws = state.weights["classifier"]
+    wide = QuantState(state.config, state.sites,
+                      {**state.weights, "classifier": WeightState(symmetric_grid(torch.tensor(1.0), 16), ws.codes)})
+    kept = int8_weights(wide)  # a 16-bit grid stays float
+    assert "classifier" not in kept and len(kept) == len(state.weights) - 1
 
 
 def test_missing_engine_is_one_line_error(monkeypatch):
@@ -218,8 +257,8 @@ def test_missing_engine_is_one_line_error(monkeypatch):
 
 
 def test_torch_engine_uses_our_int8_weights(tmp_path):
-    _, model, _, grids = quantized("w8a8")
-    q = build_torch_int8(model, grids, tmp_path / "m.pt")
+    _, model, state = quantized("w8a8")
+    q = build_torch_int8(model, state, tmp_path / "m.pt")
     dense = q.bert.encoder.layer[0].intermediate.dense
     w = dense.weight()
     ref = model.bert.encoder.layer[0].intermediate.dense.weight.detach()

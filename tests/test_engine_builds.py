@@ -37,10 +37,10 @@ def configured_methods() -> list:
 def test_every_configured_method_builds_a_valid_engine(tmp_path, method, over):
     """Build (which checks kernels and codes), validate, and run two batches. PEG with K=1 used
     to fail ONNX's checker ("Nodes in a graph must be topologically sorted")."""
-    _, model, qa, path, report = build(tmp_path, method, **over)
+    _, model, state, path, report = build(tmp_path, method, **over)
     onnx.checker.check_model(onnx.load(str(path)))
     q = quant_cfg(method, **over)
-    if qa is not None:
+    if state.sites:
         assert report.code_agreement >= MIN_CODE_AGREEMENT
     if q.weight_bits is not None and q.act_bits is not None:
         assert report.int_matmuls >= 4  # at least the attention products and the head
@@ -48,7 +48,7 @@ def test_every_configured_method_builds_a_valid_engine(tmp_path, method, over):
         assert bool(report.peg_split_sites) == (over["k"] > 1)  # K=1 is per-tensor: nothing to split
     items = VAL[:16]
     pred_engine, _ = engine_of(path).predictions(items, 8, pad_id=0)
-    with torch.no_grad(), (qa.active() if qa else torch.no_grad()):
+    with torch.no_grad(), state.active(model):
         pred_fq, _ = predictions(model, items, 8, 0, torch.device("cpu"))
     assert (pred_engine == pred_fq).sum().item() >= 15
 
@@ -91,9 +91,10 @@ def test_weight_only_engine_keeps_float_activations(tmp_path):
 def test_code_agreement_refuses_a_wrong_grid(tmp_path):
     """The engine's codes are compared with the model's: a site whose grid differs by 2 % is
     caught, although it is one site out of 30."""
-    _, model, qa, path, report = build(tmp_path, "w8a8")
+    _, model, state, path, report = build(tmp_path, "w8a8")
     site = "layer.0.ffn.output"
-    g = qa.grids[site]
-    qa.grids[site] = type(g)(g.scale * 1.02, g.zero_point, g.qmin, g.qmax)
+    grids = state.grids
+    g = grids[site]
+    grids[site] = type(g)(g.scale * 1.02, g.zero_point, g.qmin, g.qmax)
     with pytest.raises(EngineError, match=f"site {site}"):
-        code_agreement(model, qa, path, report.site_codes, sample_batch(VAL, pad_id=0), 1)
+        code_agreement(model, grids, path, report.site_codes, sample_batch(VAL, pad_id=0), 1)

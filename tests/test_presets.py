@@ -1,13 +1,20 @@
 """The paper's exact presets as configuration: calibration group, quant presets, their checks,
-and the studies that use them (composition and validation only, no training)."""
+the sites they select in every model family, and the studies that use them (composition and
+validation only, no training)."""
+from functools import lru_cache
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
-from transquant.core.config import validate
+from transquant.core.config import skeleton, validate
 from transquant.core.errors import TransquantError
 from transquant.core.tracking import flatten
+from transquant.quant.ptq import plan_sites
+from transquant.quant.sites import find_sites, select
 from transquant.run import CONF_DIR
 from transquant.studies.labels import method_label, quant_params
 
@@ -77,3 +84,74 @@ def test_calibration_study_sizes(store):
         validate(cfg)
         seen.add((cfg.quant.method, cfg.calibration.num_batches * cfg.calibration.batch_size))
     assert seen == {(m, n) for m in ("w8a8_paper", "mixed_paper", "peg_paper") for n in (1, 16, 256, 1024)}
+
+
+# --- site presets per family: the paper's sites mean the same tensors in every family ----------
+
+QUANT_DIR = Path(CONF_DIR) / "quant"
+BERT_FAMILY = ["minilm-l6", "tiny", "tiny-electra", "tiny-distilbert"]  # post-LN; minilm-l6 is the offline default
+PRE_LN = ["tiny-roberta-preln", "tiny-gpt2", "tiny-opt"]
+# The presets' patterns before roles existed: on post-LN models the roles must select exactly these.
+SITE_NAME_PATTERNS = {"mixed_paper": ["*.attn.norm", "*.ffn.output", "*.ffn.residual"],
+                      "peg_paper": ["*.attn.norm", "*.ffn.output", "*.ffn.residual"],
+                      "peg": ["embeddings.sum", "*.attn.residual", "*.ffn.residual", "*.attn.norm", "*.ffn.output"]}
+# What each preset selects in layer i, per norm placement: the paper's FFN input, FFN output and
+# FFN residual sum (peg adds the embedding sum and the attention residual sum).
+PER_LAYER = {("mixed_paper", "post"): ["attn.norm", "ffn.output", "ffn.residual"],
+             ("mixed_paper", "pre"): ["ffn.norm", "ffn.output", "ffn.residual"],
+             ("peg", "post"): ["attn.residual", "attn.norm", "ffn.output", "ffn.residual"],
+             ("peg", "pre"): ["attn.residual", "ffn.norm", "ffn.output", "ffn.residual"]}
+PER_LAYER |= {("peg_paper", norm): sites for (m, norm), sites in PER_LAYER.items() if m == "mixed_paper"}
+PRESET_KEY = {"mixed_paper": "high_bits_sites", "peg_paper": "peg_sites", "peg": "peg_sites"}
+
+
+def preset(method: str):
+    return OmegaConf.merge(OmegaConf.load(QUANT_DIR / "fp32.yaml"), OmegaConf.load(QUANT_DIR / f"{method}.yaml"))
+
+
+@lru_cache(maxsize=None)
+def family_sites(model: str) -> tuple:
+    """The model's sites, from its module tree on the meta device (nothing loaded)."""
+    return tuple(find_sites(skeleton(OmegaConf.load(Path(CONF_DIR) / "model" / f"{model}.yaml"))))
+
+
+@pytest.mark.parametrize("model", BERT_FAMILY + PRE_LN)
+@pytest.mark.parametrize("method", list(PRESET_KEY))
+def test_presets_select_the_papers_sites_in_every_family(model, method):
+    sites = list(family_sites(model))
+    norm = "pre" if model in PRE_LN else "post"
+    chosen = [s.name for s in select(sites, list(preset(method)[PRESET_KEY[method]]))]
+    layers = sorted({s.layer for s in sites if s.layer is not None})
+    outer = ["embeddings.sum"] if method == "peg" else []
+    assert sorted(chosen) == sorted(outer + [f"layer.{i}.{n}" for i in layers for n in PER_LAYER[method, norm]])
+
+
+@pytest.mark.parametrize("model", BERT_FAMILY)
+@pytest.mark.parametrize("method", list(PRESET_KEY))
+def test_roles_leave_post_ln_plans_exactly_as_the_site_names_made_them(model, method):
+    """The offline default's numbers cannot move: every site gets the same plan (bits, estimator,
+    PEG groups and their source) from the role patterns as from the old site-name patterns."""
+    sites = list(family_sites(model))
+    q = preset(method)
+    old = OmegaConf.merge(q, {PRESET_KEY[method]: SITE_NAME_PATTERNS[method]})
+    assert "*.ffn.input" in q[PRESET_KEY[method]]
+    assert plan_sites(sites, q) == plan_sites(sites, old)
+
+
+@pytest.mark.parametrize("model", PRE_LN)
+def test_on_pre_ln_models_the_ffn_input_is_the_ffn_norm_not_the_attention_input(model):
+    sites = list(family_sites(model))
+    plans = plan_sites(sites, preset("mixed_paper"))
+    assert plans["layer.0.ffn.norm"].bits == 16 and plans["layer.0.attn.norm"].bits == 8
+    peg = plan_sites(sites, preset("peg_paper"))
+    assert peg["layer.1.ffn.norm"].estimator == "peg" and peg["layer.1.ffn.norm"].group_source == "layer.1.ffn.output"
+    assert peg["layer.1.attn.norm"].estimator == "minmax"
+
+
+def test_a_pattern_matching_nothing_lists_the_sites_and_roles(make_cfg):
+    with pytest.raises(TransquantError) as info:
+        validate(make_cfg("model=tiny-gpt2", "quant=mixed_paper", "quant.high_bits_sites=[*.ffn.inptu]"))
+    msg = str(info.value)
+    assert msg.startswith("quant.high_bits_sites: pattern(s) ['*.ffn.inptu'] match no site of tiny-gpt2; its sites "
+                          "embeddings.sum, layer.<0-1>.{attn.norm, attn.qkv, ")
+    assert msg.endswith("final.norm, logits; roles layer.<0-1>.ffn.input (here layer.<0-1>.ffn.norm)")

@@ -94,8 +94,8 @@ def test_default_config_is_the_papers():
 @pytest.mark.parametrize("engine,method", [("onnxruntime", "mixed"), ("torch", "w8a8"), ("none", "w8a8"),
                                            ("onnxruntime", "fp32")])
 def test_profile_stage_tiny(tmp_path, engine, method):
-    fp32, model, qa, grids = quantized(method)
-    metrics, tags, artifacts = P.profile_stage(profile_cfg(engine=engine), HW, fp32, model, qa, grids, None, VAL, 0,
+    fp32, model, state = quantized(method)
+    metrics, tags, artifacts = P.profile_stage(profile_cfg(engine=engine), HW, fp32, model, state, None, VAL, 0,
                                                tmp_path)
     assert KEYS <= set(metrics)
     assert tags["engine"] == engine and tags["fp32_attention"] == "sdpa"
@@ -128,8 +128,8 @@ def test_profile_stage_stub_timer_gives_exact_ratio(tmp_path):
             self.i += 1
             return [30, 15, 20, 10][((self.i - 1) // 2) % 4] * 1_000_000  # block=2
 
-    fp32, model, qa, grids = quantized("w8a8")
-    metrics, _, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, qa, grids, None, VAL, 0,
+    fp32, model, state = quantized("w8a8")
+    metrics, _, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, state, None, VAL, 0,
                                     tmp_path, timer=Alternating())
     assert metrics["fp32_latency_p50_ms"] == 30 and metrics["latency_p50_ms"] == 10
     assert metrics["ort_fp32_latency_p50_ms"] == 15 and metrics["peer_latency_p50_ms"] == 20
@@ -141,9 +141,9 @@ def test_profile_stage_stub_timer_gives_exact_ratio(tmp_path):
 
 def test_memory_probe_in_fresh_process(tmp_path):
     """The default CPU memory measurement: a child process loads the .onnx and runs it."""
-    fp32, model, qa, grids = quantized("w8a8")
+    fp32, model, state = quantized("w8a8")
     sample = sample_batch(VAL, pad_id=0)
-    _, path, _ = build_onnx_int8(fp32, model, qa, grids, sample, tmp_path, threads=1)
+    _, path, _ = build_onnx_int8(fp32, model, state, sample, tmp_path, threads=1)
     got = P.memory_in_subprocess("onnx", path, fixed_batch(VAL, 0, 2, 16), 1, 2, tmp_path)
     assert got is not None and got["method"] in ("vmhwm", "sampled")
     assert got["peak_mb"] >= got["load_mb"] >= 0 and got["peak_mb"] > 0
@@ -156,11 +156,11 @@ def test_fp32_baseline_is_a_fresh_sdpa_copy(tmp_path):
     model is left as it was."""
     from transquant.quant.sites import use_tappable_attention
 
-    fp32, model, qa, grids = quantized("w8a8")
+    fp32, model, state = quantized("w8a8")
     use_tappable_attention(fp32)
     before = fp32.config._attn_implementation
     assert before != "sdpa"
-    _, tags, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, qa, grids, None, VAL, 0,
+    _, tags, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, state, None, VAL, 0,
                                  tmp_path)
     assert tags["fp32_attention"] == "sdpa" and fp32.config._attn_implementation == before
     assert P.torch_fp32(fp32, "eager").config._attn_implementation == "eager"

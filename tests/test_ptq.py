@@ -9,7 +9,7 @@ from torch import nn
 from transquant.core.errors import TransquantError
 from transquant.core.paths import CONF_PATH
 from transquant.data.tasks import batches
-from transquant.quant.ptq import WEIGHT_ESTIMATORS, calibrate, plan_sites, quantize_weights_, token_values
+from transquant.quant.ptq import WEIGHT_ESTIMATORS, _causal_mask, calibrate, plan_sites, quantize_weights_, token_values
 from transquant.quant.quantizers import fake_quantize
 from transquant.quant.ranges import make_groups
 from transquant.quant.sites import find_sites
@@ -179,6 +179,20 @@ def test_attention_values_of_pad_queries_and_keys_are_dropped():
     assert torch.equal(token_values(hidden, mask), hidden[mask])
     heads_like_tokens = torch.randn(2, 3, 3, 3)  # heads == tokens: still masked as scores
     assert token_values(heads_like_tokens, mask).numel() == 3 * (4 + 9)
+
+
+def test_causal_masks_are_built_once_per_shape_and_left_intact():
+    _causal_mask.cache_clear()
+    for tokens in (3, 5, 3, 5, 3):
+        mask = torch.ones(2, tokens, dtype=torch.bool)
+        mask[0, -1] = False
+        scores = torch.randn(2, 4, tokens, tokens)
+        keep = (mask[:, None, :, None] & mask[:, None, None, :]
+                & torch.ones(tokens, tokens, dtype=torch.bool).tril())  # what every call used to build anew
+        assert torch.equal(token_values(scores, mask, causal=True), scores[keep.expand_as(scores)])
+    info = _causal_mask.cache_info()
+    assert (info.misses, info.hits) == (2, 3)
+    assert torch.equal(_causal_mask(5, torch.device("cpu")), torch.ones(5, 5, dtype=torch.bool).tril())
 
 
 PAPER_SITES = {f"layer.{i}.{s}" for i in range(2) for s in ("attn.norm", "ffn.output", "ffn.residual")}

@@ -12,7 +12,17 @@ from transformers import (
 
 from transquant.analysis.statistics import fp32_statistics
 from transquant.quant.ptq import calibrate, plan_sites
-from transquant.quant.sites import ArchitectureError, find_sites, select, tap, unmatched, use_tappable_attention
+from transquant.quant.sites import (
+    ROLES,
+    ArchitectureError,
+    available,
+    find_sites,
+    matches,
+    select,
+    tap,
+    unmatched,
+    use_tappable_attention,
+)
 
 from .conftest import random_batches, tiny_bert
 
@@ -78,6 +88,24 @@ def test_roberta_is_supported():
 def test_unmatched_patterns_are_reported():
     sites = find_sites(tiny_bert())
     assert unmatched(sites, ["*.ffn.residual", "*.ffn.residul"]) == ["*.ffn.residul"]
+
+
+def test_a_role_is_selected_only_by_a_pattern_that_names_it():
+    """Post-LN: the FFN input is the attention sublayer's norm. ``*`` and ``*.ffn.*`` select
+    by site names only, as they always did; ``*.ffn.input`` and ``layer.1.ffn.input`` name the role."""
+    sites = find_sites(tiny_bert())
+    names = lambda patterns: [s.name for s in select(sites, patterns)]
+    assert names(["*.ffn.input"]) == ["layer.0.attn.norm", "layer.1.attn.norm"]
+    assert names(["layer.1.ffn.input"]) == ["layer.1.attn.norm"]
+    assert "layer.0.attn.norm" not in names(["*.ffn.*"]) and len(names(["*.ffn.*"])) == 2 * 4
+    assert names(["*"]) == [s.name for s in sites] and not names(["*.input"])
+    norm = next(s for s in sites if s.name == "layer.0.attn.norm")
+    assert norm.roles == ("ffn.input",) and norm.role_names == ["layer.0.ffn.input"]
+    assert matches(norm, "layer.0.attn.norm") and matches(norm, "layer.?.ffn.input")
+    assert not matches(norm, "layer.1.ffn.input")
+    assert sum(len(s.roles) for s in sites) == 2 * len(ROLES)  # each role held by one site per layer
+    assert unmatched(sites, ["*.ffn.input", "*.attn.input"]) == ["*.attn.input"]
+    assert available(sites).endswith("pooler, logits; roles layer.<0-1>.ffn.input (here layer.<0-1>.attn.norm)")
 
 
 def tiny_electra() -> ElectraForSequenceClassification:

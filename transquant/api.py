@@ -25,7 +25,7 @@ from .analysis.statistics import fp32_statistics, sample_items
 from .core.paths import CONF_DIR
 from .data.tasks import encode
 from .deploy.build import build_onnx_int8
-from .deploy.runtime import Engine, input_names, ort_engine, sample_batch
+from .deploy.runtime import Engine, input_names, model_inputs, ort_engine, sample_batch
 from .pipeline import calibration_batches, prepare
 from .quant.sites import find_sites
 from .quant.state import QuantState, quantize_
@@ -80,7 +80,7 @@ class Job:
         """The ONNX Runtime INT8 engine of a quantized model (``model`` with ``state``), written
         under ``workdir`` and checked against the fake-quantized model; ``fp32_model`` is the
         graph it starts from."""
-        sample = sample_batch(self.validation, self.tokenizer.pad_token_id)
-        _, path, report = build_onnx_int8(fp32_model, model, state.activations_for(model), state.weight_grids,
-                                          sample, Path(workdir), threads=self.cfg.hardware.threads)
+        sample = model_inputs(model, sample_batch(self.validation, self.tokenizer.pad_token_id))
+        _, path, report = build_onnx_int8(fp32_model, model, state, sample, Path(workdir),
+                                          threads=self.cfg.hardware.threads)
         return ort_engine("onnxruntime", path, self.cfg.hardware.threads, input_names(sample), {"report": report})

@@ -183,18 +183,18 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
                 run.metrics({"error_attribution_seconds": time.perf_counter() - t0})
             log_figures(run, stats, figure_k(cfg), error_df)
         if cfg.profile.enabled:
-            _profile(cfg, run, fp32_model, model, qa, state.weight_grids, tokenizer, val_items)
+            _profile(cfg, run, fp32_model, model, state, tokenizer, val_items)
         _log_hydra_files(run)
         return acc
 
 
-def _profile(cfg, run: JobRun, fp32_model, model, qa, weight_grids, tokenizer, val_items) -> None:
+def _profile(cfg, run: JobRun, fp32_model, model, state: QuantState, tokenizer, val_items) -> None:
     """Latency, memory and size of what would ship, timed interleaved with its baselines (PyTorch
-    FP32, ONNX Runtime FP32, the peer) in one run; the engine reuses ``weight_grids``."""
+    FP32, ONNX Runtime FP32, the peer) in one run; the engine is built from ``state``."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transquant-profile-") as workdir:
-        values, tags, artifacts = profile_stage(cfg.profile, cfg.hardware, fp32_model, model, qa, weight_grids,
-                                                tokenizer, val_items, tokenizer.pad_token_id, Path(workdir))
+        values, tags, artifacts = profile_stage(cfg.profile, cfg.hardware, fp32_model, model, state, tokenizer,
+                                                val_items, tokenizer.pad_token_id, Path(workdir))
         run.metrics({**values, "profile_seconds": time.perf_counter() - t0})
         for k, v in tags.items():
             run.tag(k, v)

@@ -62,7 +62,8 @@ def run_stats(cfg: DictConfig):
             model = models.load_finetuned(ckpt)
             checkpoint = str(ckpt)
         else:
-            model = models.load_pretrained(cfg.model, num_labels=2, seed=cfg.train.seed)
+            model = models.load_pretrained(cfg.model, num_labels=2, seed=cfg.train.seed,
+                                           pad_token_id=tokenizer.pad_token_id)
             checkpoint = {"pretrained": models.identity(cfg.model)}
         model = model.to(device).eval()
         val_items = encode(tokenizer, task.validation, cfg.train.max_length)

@@ -149,6 +149,7 @@ def outlier_map(stats: ActivationStats, path: str | Path) -> Path:
     names, grid = stats.max_abs_map(RESIDUAL_KINDS)
     if not names:
         raise ValueError("outlier_map: no residual-sum site in the statistics")
+    other_width = [s.name for s in stats.residual_sites() if s.name not in names]
     fig = Figure(figsize=(14, 0.42 * len(names) + 2.6))
     ax = fig.subplots()
     positive = grid[grid > 0]
@@ -157,7 +158,7 @@ def outlier_map(stats: ActivationStats, path: str | Path) -> Path:
                    norm=LogNorm(vmin=vmin, vmax=max(float(grid.max()), vmin * 10)))
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels(names, fontsize=8)
-    ax.set_ylabel("residual sum = LayerNorm input (forward order)")
+    ax.set_ylabel("residual sum (forward order)")
     ax.set_xlabel("channel (hidden unit) index")
     labelled = outlier_channels(stats)
     top = ax.secondary_xaxis("top")
@@ -170,8 +171,9 @@ def outlier_map(stats: ActivationStats, path: str | Path) -> Path:
                     fontsize=7, va="center")
     cb = fig.colorbar(im, ax=ax, pad=0.01)
     cb.set_label("max |x| over non-pad tokens (log scale)")
-    ax.set_title(f"Outlier map of the residual stream: per-channel max |x| of each LayerNorm input\n"
-                 f"({_sample_note(stats)}; numbers: each row's largest value)")
+    skipped = f"; other width, not shown: {', '.join(other_width)}" if other_width else ""
+    ax.set_title(f"Outlier map of the residual stream: per-channel max |x| of each residual sum\n"
+                 f"({_sample_note(stats)}; numbers: each row's largest value{skipped})")
     fig.tight_layout()
     return _save(fig, path)
 

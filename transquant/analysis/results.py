@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -168,9 +169,15 @@ class ActivationStats:
         return [s for s in self.sites if s.kind in RESIDUAL_KINDS]
 
     def max_abs_map(self, kinds: Iterable[str] = RESIDUAL_KINDS) -> tuple[list[str], np.ndarray]:
-        """(site names, [sites, channels] per-channel max |x|) for same-width site kinds."""
+        """(site names, [sites, channels] per-channel max |x|) of the sites of ``kinds`` that have
+        the width most of them have (the residual stream's): a site of another width, such as
+        ELECTRA's embedding sum before its projection to the hidden size, is left out."""
         rows = [s for s in self.sites if s.kind in tuple(kinds)]
-        return [s.name for s in rows], np.stack([s.max_abs_per_channel for s in rows]) if rows else np.zeros((0, 0))
+        if not rows:
+            return [], np.zeros((0, 0))
+        width = Counter(s.channels for s in rows).most_common(1)[0][0]
+        rows = [s for s in rows if s.channels == width]
+        return [s.name for s in rows], np.stack([s.max_abs_per_channel for s in rows])
 
     def worst_site(self, kinds: Iterable[str] = RESIDUAL_KINDS) -> SiteStats:
         """Highest kurtosis among the given kinds (default: the residual sums)."""

@@ -12,7 +12,7 @@ from .. import models
 from ..deploy.engines import ENGINES
 from ..quant.ptq import SHARE_GROUPS, plan_sites
 from ..quant.ranges import ESTIMATORS, GROUPINGS, WEIGHT_ESTIMATORS
-from ..quant.sites import ArchitectureError, Site, find_sites, select, unmatched
+from ..quant.sites import ArchitectureError, Site, available, find_sites, select, unmatched
 from .errors import TransquantError
 from .tracking import check_artifacts, check_uri
 
@@ -125,8 +125,7 @@ def validate_against_model(cfg: DictConfig) -> list[Site]:
     q = cfg.quant
     for key in ("act_sites", "act_exclude", "high_bits_sites", "peg_sites"):
         bad = unmatched(sites, list(q[key]))
-        _check(not bad, f"quant.{key}: pattern(s) {bad} match no site; sites look like "
-               f"'embeddings.sum', 'layer.0.ffn.residual', 'layer.0.attn.scores', 'pooler', 'logits'")
+        _check(not bad, f"quant.{key}: pattern(s) {bad} match no site of {cfg.model.name}; its {available(sites)}")
     if q.peg_sites and q.act_bits is not None:
         widths = [s.channels for s in select(sites, list(q.peg_sites)) if s.channels]
         hidden = min(widths) if widths else None

@@ -17,9 +17,12 @@ LIBRARIES = ("torch", "transformers", "onnxruntime", "onnx")
 # The code each cache depends on, in one place. A package name stands for every module in it
 # (so a new adapter file is covered without touching this list).
 # A fine-tuned checkpoint's weights:
-FINETUNE_MODULES = ("transquant.train.finetune", "transquant.models.loading", "transquant.data.tasks")
+# (The adapters decide which inputs a family's tokenizer gives, e.g. no token types for GPT-2.)
+FINETUNE_MODULES = ("transquant.train.finetune", "transquant.models.loading", "transquant.models.adapters",
+                    "transquant.data.tasks")
 # The cached FP32 predictions of a checkpoint:
-FP32_EVAL_MODULES = ("transquant.train.evaluate", "transquant.data.tasks", "transquant.models.loading")
+FP32_EVAL_MODULES = ("transquant.train.evaluate", "transquant.data.tasks", "transquant.models.loading",
+                     "transquant.models.adapters")
 # The cached FP32 statistics (token masks, site taps, batching, loading):
 STATS_MODULES = ("transquant.analysis.accumulators", "transquant.analysis.histogram", "transquant.analysis.results",
                  "transquant.analysis.statistics", "transquant.quant.ptq", "transquant.quant.sites",

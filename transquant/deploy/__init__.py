@@ -5,22 +5,35 @@ it is neither faster nor smaller. This module turns a calibrated model into a de
 artifact whose matrix multiplications run on integer kernels, with **our** calibrated scales.
 
 ONNX Runtime engine (``profile.engine=onnxruntime``, the default)
+    The engine is built from the model's :class:`~transquant.quant.state.QuantState` (what
+    ``quantize_`` returned): its activation grids and PEG groups, its weights' integer codes.
+
     1. The quantized-weight model is exported to ONNX (opset 17, eager attention: the sdpa export
-       leaves Where/IsNaN nodes and runs slower in ORT).
+       leaves Where/IsNaN nodes and runs slower in ORT), with the inputs its ``forward`` names
+       (no ``token_type_ids`` for DistilBERT or OPT).
     2. Every activation site is mapped to its ONNX tensor *by value*: the site tensors are
        captured from PyTorch (the same taps calibration uses) and compared with every
-       intermediate tensor of the exported graph on a padded sample batch. No node-name
-       heuristics, and the mapping is a check that the export computes the same function.
-    3. QuantizeLinear→DequantizeLinear pairs carrying our grid (scale, zero point) are
+       intermediate tensor of the exported graph on a padded sample batch (a tensor holding the
+       tokens flattened to [batch * tokens, channels], as OPT's FFN does, matches too). No
+       node-name heuristics, and the mapping is a check that the export computes the same
+       function.
+    3. QuantizeLinear→DequantizeLinear pairs carrying the state's grid (scale, zero point) are
        inserted at every quantized site: uint8 up to 8 bits, uint16 (``com.microsoft`` domain)
        for ``mixed``'s 16-bit sites, with Max/Min clipping in front for grids narrower than
        their container and per-channel scales for per-embedding-group sites. Every consumer
        reads the dequantized tensor — the residual path too, exactly as the fake-quant hooks
-       replace a module output. So the engine is W8A{8,16} where the method is.
-    4. Weights on a <= 8-bit grid (the grids ``quantize_weights_`` returned, not re-derived)
-       are stored as 8-bit initializers feeding DequantizeLinear; embedding tables are
-       gathered as int8 and dequantized after the Gather, so the word embeddings (about half
-       of MiniLM's parameters) are 8-bit in the file too.
+       replace a module output — except for a site on a module's *input*: there only the
+       module's readers do (GPT-2's and OPT's post-attention sum is the FFN norm's input; the
+       stream carried to the block's second add stays float, as in the fake-quant model). So the
+       engine is W8A{8,16} where the method is.
+    4. Weights on a <= 8-bit grid are stored as the state's integer codes (not re-quantized
+       from float) in 8-bit initializers feeding DequantizeLinear. Each weight's initializer is
+       the one under the parameter's name where the exporter kept it (tables, Gemm and Conv1D
+       weights), else the one with its value (MatMul weights folded to [in, out]); either way it
+       must hold the state's dequantized weight, as stored or transposed, or the build fails
+       naming the module. Embedding tables are gathered as int8 and dequantized after the
+       Gather, so the word embeddings (about half of MiniLM's parameters) are 8-bit in the file
+       too.
     5. :func:`.fusions.fuse_for_cpu` writes ``MatMulIntegerToFloat`` (integer GEMM with the bias in its
        epilogue) for every weight MatMul with an 8-bit input (the pooler's and classifier's
        ``Gemm`` are rewritten as MatMuls first) and folds the attention scaling into the

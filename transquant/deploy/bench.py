@@ -23,8 +23,7 @@ from omegaconf import OmegaConf
 from transformers import BertConfig, BertForSequenceClassification
 
 from ..core.paths import CONF_PATH as CONF
-from ..quant.ptq import calibrate, plan_sites, quantize_weights_
-from ..quant.sites import find_sites
+from ..quant.state import quantize_
 from .profiling import profile_stage
 
 COLUMNS = ["method", "engine_precision", "latency_p50_ms", "latency_p95_ms", "throughput_seq_s", "peak_memory_mb",
@@ -72,16 +71,11 @@ def bench(methods=("mixed",), config: BertConfig | None = None, threads: int = 2
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         for method in methods:
-            q = quant_config(method)
             model = copy.deepcopy(fp32)
-            sites = find_sites(model)
-            plans = plan_sites(sites, q)
-            weight_grids = quantize_weights_(model, q.weight_bits, q.weight_estimator)
-            qa = calibrate(model, sites, plans, batches(calib, 16, 0), torch.device("cpu")) if plans else None
-            metrics, tags, _ = profile_stage(profile, hardware, fp32, model, qa, weight_grids, None, val, 0,
-                                             root / method)
+            state = quantize_(model, quant_config(method), batches(calib, 16, 0), torch.device("cpu"))
+            metrics, tags, _ = profile_stage(profile, hardware, fp32, model, state, None, val, 0, root / method)
             rows.append({"method": method, **metrics, **tags})
-            del model, qa
+            del model, state
     df = pd.DataFrame(rows)
     return df[[c for c in COLUMNS if c in df] + [c for c in df if c not in COLUMNS]]
 

@@ -10,39 +10,69 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from ..quant.quantizers import Grid, fake_quantize
 from ..quant.sites import find_sites
-from .export import export_onnx, gemm_to_matmul
+from ..quant.state import QuantState, WeightState
+from .export import export_onnx, gemm_to_matmul, param_name
 from .fusions import fuse_for_cpu
-from .qdq import ActQuant, GraphEditor, quantize_activation, quantize_weight, split_peg_matmul
-from .runtime import EngineError, input_names
-from .site_map import capture_sites, match_sites, onnx_intermediates
+from .qdq import (
+    ActQuant,
+    GraphEditor,
+    quantize_activation,
+    quantize_weight,
+    split_peg_matmul,
+)
+from .runtime import EngineError, input_names, model_inputs
+from .site_map import capture_sites, match_sites, module_readers, onnx_intermediates
 from .verify import code_agreement, matmul_kernels
 
 log = logging.getLogger("transquant")
 
 
-def int8_weight_grids(model: nn.Module, grids: dict[str, Grid]) -> dict[str, tuple[nn.Module, Grid]]:
-    """Module name -> (module, grid) for the weights ``quantize_weights_`` put on a <= 8-bit grid
-    (``grids`` is what it returned); wider grids stay float with their exact values. Each weight
-    is checked to lie on its grid, because the engine stores exactly those integers."""
-    mods = dict(model.named_modules())
+def int8_weights(state: QuantState) -> dict[str, WeightState]:
+    """Module name -> weight state for the weights on a <= 8-bit grid: the engines store their
+    integer codes; wider grids stay float with their exact (dequantized) values."""
     out = {}
-    for name, grid in grids.items():
-        if grid.qmax > 127:
+    for name, w in state.weights.items():
+        if w.grid.qmax > 127:
             continue
-        mod = mods.get(name)
-        if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
-            raise EngineError(f"engine: weight grid given for {name!r}, which is not a module with a weight")
-        if grid.scale.numel() != 1:
+        if w.grid.scale.numel() != 1:
             raise EngineError(f"engine: the weight grid of {name} is not per-tensor; "
                               "the engine stores one scale per weight")
-        w = mod.weight.detach().float().cpu()
-        if not torch.equal(fake_quantize(w, grid), w):
-            raise EngineError(f"engine: the weight of {name} is not on the grid quantize_weights_ returned for it")
-        out[name] = (mod, grid)
+        out[name] = w
     return out
+
+
+def _weight_initializers(proto, name: str, weight: np.ndarray, by_value: dict[tuple, list[str]]
+                         ) -> list[tuple[str, bool]]:
+    """(initializer, transposed) for every initializer of the export holding module ``name``'s
+    weight ``weight`` (the state's, dequantized): the one under the parameter's own name when the
+    exporter kept it (Gather tables, Gemm and Conv1D weights), else those with its exact value,
+    as stored or transposed (MatMul weights the exporter folded into [in, out], Gemm weights
+    :func:`.export.gemm_to_matmul` rewrote, GPT-2's Conv1D [in, out]). Raises
+    :class:`EngineError` naming the module when the initializer under its name holds other values,
+    or none holds it: the engine would not compute the state's weights."""
+    from onnx import numpy_helper
+
+    layouts = ((weight, False), (np.ascontiguousarray(weight.T), True))
+    found = []
+    init = next((i for i in proto.graph.initializer if i.name == param_name(name)), None)
+    if init is not None:
+        arr = numpy_helper.to_array(init)
+        match = [t for w, t in layouts if arr.shape == w.shape and np.array_equal(arr, w)]
+        if not match:
+            raise EngineError(f"engine export: the initializer {init.name} of {name}'s weight is not the quant "
+                              "state's dequantized weight (as stored or transposed)")
+        found.append((init.name, match[0]))
+    for w, transposed in layouts:
+        for init_name in by_value.pop((w.shape, w.tobytes()), []):
+            if init_name != param_name(name):
+                found.append((init_name, transposed))
+    if not found:
+        raise EngineError(f"engine export: the weight of {name} is not an initializer of the ONNX graph with the "
+                          "quant state's values (as stored or transposed), so its int8 codes cannot be written")
+    return found
 
 
 @dataclass
@@ -80,22 +110,25 @@ def precision_label(weight_bits: list[int], act_bits: list[int]) -> str:
     return f"W{fmt(weight_bits)}A{fmt(act_bits)}"
 
 
-def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, qa, weight_grids: dict[str, Grid], batch: dict,
+def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, state: QuantState, batch: dict,
                     workdir: Path, name: str = "engine", weight_storage: str = "s8", threads: int | None = None
                     ) -> tuple[Path, Path, BuildReport]:
-    """Export ``quant_model``, write our grids into it and check the result. Returns (fp32
-    export, engine model, report).
+    """Export ``quant_model`` (the model ``state`` quantized, or a fresh copy it was applied to),
+    write the state into it and check the result. Returns (fp32 export, engine model, report).
 
-    ``qa`` may be None (no activation quantization). ``weight_grids`` is what
-    ``quantize_weights_`` returned: those of <= 8 bits are stored as int8, the others stay float.
-    ``batch`` (padded, e.g. :func:`.runtime.sample_batch`) maps sites to tensors and is the sample on
-    which the engine's codes must match the fake-quant model's.
+    Weights on a <= 8-bit grid are stored as the state's integer codes (each export initializer
+    checked to hold the state's dequantized weight), the others stay float. Activation sites get
+    QDQ nodes with the state's grids (PEG: its groups). ``batch`` (padded, e.g.
+    :func:`.runtime.sample_batch`) maps sites to tensors and is the sample on which the engine's
+    codes must match the fake-quant model's.
     """
     import onnx
     from onnx import numpy_helper
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    batch = model_inputs(quant_model, batch)
+    state.activations_for(quant_model)  # raises if the model lacks a site of the state
     fp32_path = workdir / "fp32.onnx"
     if not fp32_path.is_file():  # the profiler exports it first for the peer
         export_onnx(fp32_model, batch, fp32_path)
@@ -103,38 +136,38 @@ def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, qa, weight_gr
     proto = onnx.load(str(q_export))
     gemms = gemm_to_matmul(proto)
 
-    grids = dict(qa.grids) if qa is not None else {}
+    G = GraphEditor(proto)  # before any node id is taken (see GraphEditor)
+    sites = state.sites
     feeds = {k: batch[k].cpu().numpy() for k in input_names(batch)}
     tensors: dict[str, str] = {}
-    if grids:
-        values = capture_sites(quant_model, list(grids), batch)
+    readers: dict[str, set[int]] = {}  # input sites: the nodes that read the quantized tensor
+    if sites:
+        values, module_outputs = capture_sites(quant_model, list(sites), batch)
         onnx_values, order = onnx_intermediates(proto, feeds)
         tensors = match_sites(values, onnx_values, order)
-        ranks = {s: values[s].ndim for s in values}
+        for site, out in module_outputs.items():
+            reading = [n for n in proto.graph.node if tensors[site] in n.input and n.op_type != "Shape"]
+            if len(reading) > 1:
+                readers[site] = module_readers(proto, site, tensors[site], out, onnx_values, order)
+        ranks = {s: onnx_values[tensors[s]].ndim for s in sites}
 
-    G = GraphEditor(proto)
-    # Weights: find each quantized module's weight among the initializers by exact value.
-    by_bytes: dict[tuple, str] = {}
+    by_value: dict[tuple, list[str]] = {}
     for init in proto.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2:
-            by_bytes[(tuple(init.dims), numpy_helper.to_array(init).tobytes())] = init.name
-    int8_weights, float_weights, weight_bits = [], [], []
-    wg = int8_weight_grids(quant_model, weight_grids)
-    for mod_name, (mod, grid) in wg.items():
-        w = mod.weight.detach().float().cpu().numpy()
-        found = False
-        for arr in (w, np.ascontiguousarray(w.T)):
-            key = (arr.shape, arr.tobytes())
-            if key in by_bytes:
-                quantize_weight(G, by_bytes.pop(key), grid, arr, weight_storage)
-                found = True
-        if not found:
-            raise EngineError(f"engine export: the weight of {mod_name} is not an initializer of the ONNX graph, "
-                              "so it cannot be stored as int8")
-        int8_weights.append(mod_name)
-        weight_bits.append(int(math.log2(grid.qmax + 1)) + 1)
+            arr = numpy_helper.to_array(init)
+            by_value.setdefault((arr.shape, arr.tobytes()), []).append(init.name)
+    int8_names, float_weights, weight_bits = [], [], []
+    stored = int8_weights(state)
+    for mod_name, w in stored.items():
+        deq = w.dequantize(torch.empty(0)).numpy()
+        codes = w.codes.numpy()
+        for init_name, transposed in _weight_initializers(proto, mod_name, deq, by_value):
+            quantize_weight(G, init_name, w.grid, np.ascontiguousarray(codes.T) if transposed else codes,
+                            weight_storage)
+        int8_names.append(mod_name)
+        weight_bits.append(int(math.log2(w.grid.qmax + 1)) + 1)
     for mod_name, mod in quant_model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Embedding)) and mod_name not in wg:
+        if isinstance(mod, (nn.Linear, nn.Embedding, Conv1D)) and mod_name not in stored:
             float_weights.append(mod_name)
             weight_bits.append(32)
 
@@ -142,15 +175,22 @@ def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, qa, weight_gr
     seen: dict[str, str] = {}
     codes: dict[str, tuple[str, int]] = {}
     site_bits: dict[str, int] = {}
-    for site in grids:
+    for site, s in sites.items():
         t = tensors[site]
         if t in seen:
             raise EngineError(f"engine: sites {seen[t]} and {site} map to the same tensor {t}")
         seen[t] = site
-        q = ActQuant.from_grid(grids[site], ranks[site])
-        skip = split_peg_matmul(G, t, q) if q.per_channel and q.container_bits == 8 else set()
-        if skip:
-            peg_split.append(site)
+        q = ActQuant.from_grid(s.grid, ranks[site])
+        skip = set()
+        if site in readers:  # only the module's readers take the quantized tensor
+            skip = {id(n) for n in G.consumers(t)} - readers[site]
+        if q.per_channel and q.container_bits == 8:
+            if s.groups is None:
+                raise EngineError(f"engine: site {site} has per-channel ranges without PEG groups")
+            split = split_peg_matmul(G, t, q, s.groups.cpu().numpy())
+            if split:
+                peg_split.append(site)
+            skip |= split
         elem = onnx.TensorProto.FLOAT if q.per_channel else onnx.helper.np_dtype_to_tensor_dtype(q.zero_point.dtype)
         codes[site] = (quantize_activation(G, t, q, skip), elem)  # other consumers (residual add): per-axis QDQ
         site_bits[site] = q.bits
@@ -164,12 +204,13 @@ def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, qa, weight_gr
     q_export.unlink()
 
     act_bits = list(site_bits.values())
-    if qa is not None and {s.name for s in find_sites(quant_model)} - set(grids):
+    if sites and {s.name for s in find_sites(quant_model)} - set(sites):
         act_bits.append(32)  # sites the method leaves float
-    report = BuildReport(site_bits, int8_weights, float_weights, peg_split, tensors, codes,
+    report = BuildReport(site_bits, int8_names, float_weights, peg_split, tensors, codes,
                          precision_label(weight_bits, act_bits), fused)
     report.int_matmuls, report.float_matmuls = matmul_kernels(out, workdir / f"{name}.optimized.onnx", threads)
-    if qa is not None:
-        report.code_agreement, report.site_agreement = code_agreement(quant_model, qa, out, codes, batch, threads)
+    if sites:
+        report.code_agreement, report.site_agreement = code_agreement(quant_model, state.grids, out, codes, batch,
+                                                                      threads)
     log.info("engine %s: %s", name, report.summary())
     return fp32_path, out, report

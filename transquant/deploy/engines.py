@@ -15,9 +15,17 @@ import torch
 from torch import nn
 
 from ..core.registry import Registry
-from ..quant.quantizers import Grid
-from .build import build_onnx_int8, int8_weight_grids
-from .runtime import Engine, EngineError, input_names, ort_engine, ort_timing_runner, torch_runner, torch_timing_runner
+from ..quant.state import QuantState
+from .build import build_onnx_int8, int8_weights
+from .runtime import (
+    Engine,
+    EngineError,
+    input_names,
+    ort_engine,
+    ort_timing_runner,
+    torch_runner,
+    torch_timing_runner,
+)
 
 ENGINES = Registry("profile.engine", EngineError)  # EngineKind subclasses, at the end of this module
 
@@ -48,25 +56,36 @@ def ort_dynamic_int8(fp32_onnx: Path, out: Path) -> Path:
     return Path(out)
 
 
-def build_torch_int8(quant_model: nn.Module, weight_grids: dict[str, Grid], path: Path) -> nn.Module:
-    """Dynamic INT8 Linear layers (our exact int8 weights, from ``quantize_weights_``'s grids)
-    and 8-bit per-row embeddings; the model's state dict (packed int8 tensors) is saved to
-    ``path`` (the artifact)."""
+def build_torch_int8(quant_model: nn.Module, state: QuantState, path: Path) -> nn.Module:
+    """Dynamic INT8 Linear layers holding the state's integer weight codes, and 8-bit per-row
+    embeddings; the model's state dict (packed int8 tensors) is saved to ``path`` (the artifact).
+    Each Linear's weight must be the state's (raises :class:`EngineError` naming it)."""
     from torch.ao.nn.quantized import dynamic as nnqd
-    from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig, quantize_dynamic
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        float_qparams_weight_only_qconfig,
+        quantize_dynamic,
+    )
 
     model = copy.deepcopy(quant_model).cpu().eval()
-    grids = int8_weight_grids(model, weight_grids)
+    stored = int8_weights(state)
+    float_mods = dict(model.named_modules())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qmodel = quantize_dynamic(model, {nn.Linear: default_dynamic_qconfig,
                                           nn.Embedding: float_qparams_weight_only_qconfig}, dtype=torch.qint8)
     mods = dict(qmodel.named_modules())
-    for name, (mod, grid) in grids.items():
+    for name, w in stored.items():
         target = mods.get(name)
-        if isinstance(target, nnqd.Linear):
-            w = torch.quantize_per_tensor(mod.weight.detach().float().cpu(), float(grid.scale), 0, torch.qint8)
-            target.set_weight_bias(w, mod.bias.detach().cpu() if mod.bias is not None else None)
+        if not isinstance(target, nnqd.Linear):
+            continue
+        bias = target.bias()
+        weight = float_mods[name].weight.detach().float().cpu()
+        if not torch.equal(weight, w.dequantize(weight)):
+            raise EngineError(f"engine: the weight of {name} is not the quant state's; apply the state to the model")
+        codes = torch._make_per_tensor_quantized_tensor(w.codes.to(torch.int8).cpu(), float(w.grid.scale),
+                                                        int(w.grid.zero_point))
+        target.set_weight_bias(codes, bias)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(qmodel.state_dict(), str(path))
     return qmodel
@@ -74,13 +93,13 @@ def build_torch_int8(quant_model: nn.Module, weight_grids: dict[str, Grid], path
 
 @dataclass
 class EngineJob:
-    """What an engine is built from: the calibrated model, the profile's batches and options."""
+    """What an engine is built from: the calibrated model, its quant state, the profile's batches
+    and options."""
 
     profile: Any  # the ``profile`` config: engine options such as ``weight_storage``
     fp32_model: nn.Module
     quant_model: nn.Module
-    qa: Any  # QuantizedActivations, or None without quantized activations
-    weight_grids: dict[str, Grid]  # what ``quantize_weights_`` returned
+    state: QuantState  # what ``quantize_`` returned for ``quant_model`` (or applied to it)
     batch: dict[str, torch.Tensor]  # the fixed batch every candidate is timed on
     sample: dict[str, torch.Tensor]  # padded sample batch: site matching, code agreement
     workdir: Path
@@ -127,7 +146,7 @@ class OnnxRuntimeEngine(EngineKind):
 
     @classmethod
     def build(cls, job: EngineJob) -> BuiltEngine:
-        _, path, report = build_onnx_int8(job.fp32_model, job.quant_model, job.qa, job.weight_grids, job.sample,
+        _, path, report = build_onnx_int8(job.fp32_model, job.quant_model, job.state, job.sample,
                                           job.workdir, name="engine",
                                           weight_storage=str(job.profile.get("weight_storage", "s8")),
                                           threads=job.threads)
@@ -144,10 +163,10 @@ class TorchEngine(EngineKind):
 
     @classmethod
     def build(cls, job: EngineJob) -> BuiltEngine:
-        n_int8 = len(int8_weight_grids(job.quant_model, job.weight_grids))
+        n_int8 = len(int8_weights(job.state))
         path = job.workdir / "engine_torch_int8.pt"
         if n_int8:
-            qmodel = build_torch_int8(job.quant_model, job.weight_grids, path)
+            qmodel = build_torch_int8(job.quant_model, job.state, path)
             build = f"torch dynamic INT8: {n_int8} int8 weight tensors (activations quantized per batch)"
         else:
             qmodel = copy.deepcopy(job.quant_model).cpu().eval()
@@ -168,7 +187,8 @@ class FakeQuantEngine(EngineKind):
     def build(cls, job: EngineJob) -> BuiltEngine:
         path = job.workdir / "fake_quant_state_dict.pt"
         save_state_dict(job.quant_model, path)
-        ctx = job.qa.active if job.qa is not None else None
+        acts = job.state.activations_for(job.quant_model)
+        ctx = acts.active if acts is not None else None
         names = input_names(job.sample)
 
         def run_fake(feeds):

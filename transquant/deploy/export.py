@@ -11,9 +11,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from .runtime import input_names
+from .runtime import input_names, model_inputs
 
 OPSET = 17
+
+
+WRAPPED = "model"  # :class:`_Logits`' attribute holding the model: the prefix of its parameters' names
+
+
+def param_name(module_name: str, param: str = "weight") -> str:
+    """The name the exporter gives a parameter's initializer when it keeps it (tables a Gather
+    reads, Gemm and Conv1D weights; weights it transposes for a MatMul are constant-folded under
+    an ``onnx::MatMul_*`` name instead)."""
+    return f"{WRAPPED}.{module_name}.{param}" if module_name else f"{WRAPPED}.{param}"
 
 
 class _Logits(nn.Module):
@@ -21,7 +31,7 @@ class _Logits(nn.Module):
 
     def __init__(self, model: nn.Module, names: list[str]):
         super().__init__()
-        self.model = model
+        self.model = model  # named WRAPPED
         self.names = names
 
     def forward(self, *tensors):
@@ -34,6 +44,7 @@ def export_onnx(model: nn.Module, batch: dict, path: Path) -> Path:
 
     model = copy.deepcopy(model).cpu().eval()
     model.set_attn_implementation("eager")
+    batch = model_inputs(model, batch)
     names = input_names(batch)
     axes = {k: {0: "batch", 1: "sequence"} for k in names}
     axes["logits"] = {0: "batch"}
@@ -50,11 +61,16 @@ def export_onnx(model: nn.Module, batch: dict, path: Path) -> Path:
 def gemm_to_matmul(proto) -> int:
     """Rewrite ``Gemm(x, W, b)`` (how 2-D Linear inputs export: the pooler, the classifier) as
     ``MatMul(x, W') + b`` with the weight initializer stored as [in, out], so every weight product
-    takes the same integer path as the encoder's MatMuls. Returns the number rewritten."""
+    takes the same integer path as the encoder's MatMuls. A weight only this Gemm reads keeps
+    its initializer's name (the parameter's, :func:`param_name`). Returns the number rewritten."""
     from onnx import helper, numpy_helper
 
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for x in node.input:
+            readers[x] = readers.get(x, 0) + 1
     n = 0
     for gemm in [x for x in g.node if x.op_type == "Gemm"]:
         attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
@@ -62,8 +78,12 @@ def gemm_to_matmul(proto) -> int:
                 or gemm.input[1] not in inits):
             continue
         w = numpy_helper.to_array(inits[gemm.input[1]])
-        w_name = f"{gemm.input[1]}_matmul{n}"
         w = np.ascontiguousarray(w.T if attrs.get("transB", 0) else w)
+        if readers[gemm.input[1]] == 1:  # replaced in place, under its name
+            w_name = gemm.input[1]
+            g.initializer.remove(inits.pop(w_name))
+        else:
+            w_name = f"{gemm.input[1]}_matmul{n}"
         g.initializer.append(numpy_helper.from_array(w, w_name))
         has_bias = len(gemm.input) > 2 and gemm.input[2]
         mm_out = gemm.output[0] + "_matmul" if has_bias else gemm.output[0]

@@ -55,10 +55,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..quant.state import QuantState
 from .engines import ENGINES, EngineJob, ort_dynamic_int8, require_engine
 from .export import export_onnx
 from .memory import MB, cuda_peak_growth, peak_rss_growth, probe_artifact, rss_bytes
-from .runtime import Engine, EngineError, fixed_batch, ort_timing_runner, sample_batch, torch_timing_runner
+from .runtime import (
+    Engine,
+    EngineError,
+    fixed_batch,
+    model_inputs,
+    ort_timing_runner,
+    sample_batch,
+    torch_timing_runner,
+)
 from .timing import LatencyStats, interleaved, timer_for
 
 log = logging.getLogger("transquant")
@@ -106,7 +115,7 @@ def torch_fp32(model, attention: str):
     return fresh
 
 
-def build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, weight_grids, batch, sample,
+def build_candidates(cfg_profile, threads, fp32_model, quant_model, state: QuantState, batch, sample,
                      workdir: Path, device: torch.device) -> tuple[dict[str, Candidate], dict]:
     """({name: candidate}, info): ``fp32`` (PyTorch, fresh copy, ``profile.fp32_attention``),
     ``ort_fp32`` (ONNX Runtime FP32 of the export every ORT candidate starts from), ``peer`` (ORT
@@ -132,8 +141,7 @@ def build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, weight_g
                                   peer_path.stat().st_size, probe=("onnx", peer_path))
         info["peer_path"] = str(peer_path)
 
-    job = EngineJob(cfg_profile, fp32_model, quant_model, qa, weight_grids, batch, sample, workdir, device,
-                      threads, fp32_onnx)
+    job = EngineJob(cfg_profile, fp32_model, quant_model, state, batch, sample, workdir, device, threads, fp32_onnx)
     built = ENGINES[engine].build(job)
     cands["fp32"].size_bytes = built.fp32_size_bytes
     info.update(built.info)
@@ -143,13 +151,13 @@ def build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, weight_g
 
 # --- the stage ---------------------------------------------------------------------------------
 
-def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, weight_grids, tokenizer, val_items, pad_id,
-                  workdir: Path, timer=None) -> tuple[dict[str, float], dict[str, str], list[Path]]:
+def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: QuantState, tokenizer, val_items,
+                  pad_id, workdir: Path, timer=None) -> tuple[dict[str, float], dict[str, str], list[Path]]:
     """Profile PyTorch FP32, ORT FP32, the peer and the method's deployable engine in one
     interleaved run.
 
-    Returns (metrics, tags, artifact paths). ``qa`` may be None (fp32 / weight-only methods);
-    ``weight_grids`` is what ``quantize_weights_`` returned.
+    Returns (metrics, tags, artifact paths). ``state`` is what ``quantize_`` returned for
+    ``quant_model`` (or applied to it): the engine stores its weight codes and activation grids.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -158,14 +166,14 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, qa, weight
     if threads:
         torch.set_num_threads(int(threads))
     bs, seq = int(cfg_profile.get("batch_size", 8)), int(cfg_profile.get("seq_len", 128))
-    batch = fixed_batch(val_items, pad_id, bs, seq)
-    sample = sample_batch(val_items, pad_id)
+    batch = model_inputs(quant_model, fixed_batch(val_items, pad_id, bs, seq))
+    sample = model_inputs(quant_model, sample_batch(val_items, pad_id))
     fp32_model.eval()
     quant_model.eval()
 
     t0 = time.perf_counter()
-    cands, info = build_candidates(cfg_profile, threads, fp32_model, quant_model, qa, weight_grids, batch,
-                                   sample, workdir / "artifacts", device)
+    cands, info = build_candidates(cfg_profile, threads, fp32_model, quant_model, state, batch, sample,
+                                   workdir / "artifacts", device)
     build_s = time.perf_counter() - t0
     fp32, cand = cands["fp32"], cands["engine"]
     kind = ENGINES[info["engine"]]

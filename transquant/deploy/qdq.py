@@ -58,11 +58,17 @@ class ActQuant:
 
 
 class GraphEditor:
-    """Small helper around a GraphProto: consumers, rewiring, node insertion in order."""
+    """Small helper around a GraphProto: consumers, rewiring, node insertion in order.
+
+    Nodes are told apart by ``id()`` (skip sets). protobuf's Python objects for the graph's nodes
+    are made on access and cached only while referenced, so a freed one's id can come back for
+    another node: the editor holds every node's object for its lifetime, which keeps each node's
+    id fixed (create it before collecting ids)."""
 
     def __init__(self, proto):
         self.model = proto
         self.g = proto.graph
+        self._held = list(self.g.node)
         self.after: dict[str, list] = {}   # tensor -> nodes to place right after its producer
         self.front: list = []              # nodes placed before everything (constants, weights)
         self.inits = {i.name: i for i in self.g.initializer}
@@ -170,29 +176,34 @@ def quantize_activation(G: GraphEditor, tensor: str, q: ActQuant, skip: set[int]
     return codes
 
 
-def quantize_weight(G: GraphEditor, init_name: str, grid: Grid, array: np.ndarray, storage: str = "u8") -> None:
-    """Replace a float initializer by 8-bit integers + DequantizeLinear; a Gather reads the int8
-    table directly and dequantizes only the rows it gathered.
+def quantize_weight(G: GraphEditor, init_name: str, grid: Grid, codes: np.ndarray, storage: str = "u8") -> None:
+    """Replace a float initializer by the weight's 8-bit integer ``codes`` (the quant state's, in
+    the initializer's layout) + DequantizeLinear with ``grid``'s scale and zero point; a Gather
+    reads the int8 table directly and dequantizes only the rows it gathered.
 
-    ``storage="u8"`` writes matmul weights as uint8 with zero point 128 (the same integers
-    shifted; exact U8U8 kernels), ``"s8"`` as int8 (U8S8 kernels: faster on AVX2, but they sum
-    pairs of u8*s8 products in saturating int16 — see the module docstring)."""
+    ``storage="u8"`` writes matmul weights as uint8 shifted by 128 (the same integers; exact
+    U8U8 kernels), ``"s8"`` as int8 (U8S8 kernels: faster on AVX2, but they sum pairs of u8*s8
+    products in saturating int16 — see the module docstring)."""
     from onnx import helper
 
     scale = grid.scale.detach().float().cpu().numpy().astype(np.float32).reshape(())
-    ints = np.clip(np.round(array / scale), grid.qmin, grid.qmax).astype(np.int8)
+    zero = int(grid.zero_point.reshape(()))
+    if not (-128 <= grid.qmin <= grid.qmax <= 127 and grid.qmin <= zero <= grid.qmax):
+        raise EngineError(f"engine: weight grid [{grid.qmin}, {grid.qmax}] (zero point {zero}) of {init_name} "
+                          "is not signed 8-bit")
+    ints = np.asarray(codes).astype(np.int8)
     consumers = G.consumers(init_name)
     gathers = [n for n in consumers if n.op_type == "Gather" and n.input[0] == init_name]
     s_name = G.const(init_name + "_scale", scale)
     if gathers:
-        q_name, z_name = G.const(init_name + "_int8", ints), G.const(init_name + "_zp", np.zeros((), np.int8))
+        q_name, z_name = G.const(init_name + "_int8", ints), G.const(init_name + "_zp", np.full((), zero, np.int8))
     if len(gathers) < len(consumers):
         if storage == "u8":
             wq = G.const(init_name + "_uint8", (ints.astype(np.int16) + 128).astype(np.uint8))
-            wz = G.const(init_name + "_zp", np.full((), 128, np.uint8))
+            wz = G.const(init_name + "_zp", np.full((), zero + 128, np.uint8))
         else:
             wq = G.const(init_name + "_int8", ints) if not gathers else q_name
-            wz = G.const(init_name + "_zp", np.zeros((), np.int8)) if not gathers else z_name
+            wz = G.const(init_name + "_zp", np.full((), zero, np.int8)) if not gathers else z_name
     dq_out = None
     for node in consumers:
         if node in gathers:
@@ -213,10 +224,12 @@ def quantize_weight(G: GraphEditor, init_name: str, grid: Grid, array: np.ndarra
     G.g.initializer.remove(G.inits.pop(init_name))
 
 
-def split_peg_matmul(G: GraphEditor, tensor: str, q: ActQuant) -> set[int]:
+def split_peg_matmul(G: GraphEditor, tensor: str, q: ActQuant, groups: np.ndarray) -> set[int]:
     """PEG on a MatMul input: y = sum_g DQ_g(Q_g(x[..., idx_g])) @ W[idx_g, :].
 
-    Each group has one scalar grid, so each partial product is an ordinary U8S8 integer GEMM.
+    ``groups`` is the quant state's group id per channel (sorting channels by it is the PEG
+    permutation). Each group has one scalar grid (checked), so each partial product is an
+    ordinary U8S8 integer GEMM.
     Only the MatMul consumers are rewritten (other consumers, e.g. the residual add, get the
     per-axis QDQ). Returns the ids of the inserted nodes that read the float tensor."""
     from onnx import helper
@@ -227,9 +240,16 @@ def split_peg_matmul(G: GraphEditor, tensor: str, q: ActQuant) -> set[int]:
     if any(n.input[0] != tensor for n in consumers):
         raise EngineError(f"engine: per-group (PEG) ranges on {tensor}, the second input of a MatMul, "
                           "have no integer kernel (per-channel scales along the reduction axis)")
-    keys = np.stack([q.scale.astype(np.float64), q.zero_point.astype(np.float64)], 1)
-    uniq, group_of = np.unique(keys, axis=0, return_inverse=True)
-    group_of = group_of.reshape(-1)
+    group_of = np.asarray(groups).reshape(-1)
+    if group_of.size != q.scale.size:
+        raise EngineError(f"engine: PEG groups of {tensor} cover {group_of.size} channels, its grid {q.scale.size}")
+    grids = []
+    for g in np.unique(group_of):
+        idx = np.nonzero(group_of == g)[0]
+        scale, zero = q.scale[idx], q.zero_point[idx]
+        if not ((scale == scale[0]).all() and (zero == zero[0]).all()):
+            raise EngineError(f"engine: PEG group {g} of {tensor} has channels on different grids")
+        grids.append((idx.astype(np.int64), scale[0], zero[0]))
     plans = []
     for node in consumers:
         wq = _weight_source(G, node.input[1])
@@ -240,8 +260,7 @@ def split_peg_matmul(G: GraphEditor, tensor: str, q: ActQuant) -> set[int]:
     skip: set[int] = set()
     # x_g = Gather(x, idx_g, axis=-1), quantized with the group's scalar grid, shared by consumers.
     parts = []
-    for g, (scale, zero) in enumerate(uniq):
-        idx = np.nonzero(group_of == g)[0].astype(np.int64)
+    for g, (idx, scale, zero) in enumerate(grids):
         xg = G.fresh(f"{tensor}_peg{g}")
         nodes = [helper.make_node("Gather", [tensor, G.const("idx", idx)], [xg], axis=-1, name=G.fresh("tq_peg_gather"))]
         qg = ActQuant(np.float32(scale).reshape(()), np.asarray(zero, q.zero_point.dtype).reshape(()), q.bits)

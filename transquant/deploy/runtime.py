@@ -26,6 +26,16 @@ def input_names(batch: dict) -> list[str]:
     return [k for k in INPUT_ORDER if k in batch]
 
 
+def model_inputs(model: nn.Module, batch: dict) -> dict:
+    """``batch`` without the inputs ``model``'s ``forward`` does not name (DistilBERT and OPT take
+    no ``token_type_ids``; transformers' ``**kwargs`` would swallow them, and the ONNX export
+    would then lack an input the feeds carry)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {k: v for k, v in batch.items() if k not in INPUT_ORDER or k in params}
+
+
 def sample_batch(items: list[dict], pad_id: int, n: int = 3, extra_pad: int = 3) -> dict[str, torch.Tensor]:
     """A small batch where every row has padding, so masked and unmasked scores differ (the
     site matcher relies on it) and pad handling is exercised."""

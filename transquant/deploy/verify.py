@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quant.quantizers import quantize
+from ..quant.quantizers import Grid, quantize
 from ..quant.sites import find_sites, tap, use_tappable_attention
 from .fusions import MOVES
-from .runtime import EngineError, input_names, ort_session
+from .runtime import EngineError, input_names, model_inputs, ort_session
 
 INT_MATMULS = frozenset({"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
                          "QGemm", "QAttention"})
@@ -79,27 +79,32 @@ def matmul_kernels(path: Path, optimized_path: Path, threads: int | None) -> tup
     return n_int, len(floats)
 
 
-def fake_quant_codes(model: nn.Module, qa, batch: dict, forced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Integer codes of every quantized site of the fake-quant model on ``batch`` (the
-    arithmetic of ``qa.active()``), each site's output replaced by the dequantized ``forced``
-    codes (the engine's) so that later sites see the engine's values."""
+def fake_quant_codes(model: nn.Module, grids: dict[str, Grid], batch: dict,
+                     forced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Integer codes of every quantized site (``grids``: site -> activation grid, the quant
+    state's) of the fake-quant model on ``batch`` (the arithmetic of ``state.active``), each
+    site's output replaced by the dequantized ``forced`` codes (the engine's) so that later sites
+    see the engine's values. Engine codes of a site the graph holds flattened to
+    [batch * tokens, channels] (OPT's FFN) are viewed as the model's [batch, tokens, channels]."""
     model = copy.deepcopy(model).cpu().eval()
     use_tappable_attention(model)
-    sites = [s for s in find_sites(model) if s.name in qa.grids]
+    sites = [s for s in find_sites(model) if s.name in grids]
     codes: dict[str, np.ndarray] = {}
 
     def fq(site, x):
-        grid = qa.grids[site.name]
+        grid = grids[site.name]
         codes[site.name] = quantize(x, grid).detach().numpy()
         engine = forced[site.name]
         if engine.shape != tuple(x.shape):
-            raise EngineError(f"engine: site {site.name} has codes of shape {engine.shape} in the engine, "
-                              f"{tuple(x.shape)} in the model")
+            if engine.size != x.numel() or engine.shape[-1:] != tuple(x.shape)[-1:]:
+                raise EngineError(f"engine: site {site.name} has codes of shape {engine.shape} in the engine, "
+                                  f"{tuple(x.shape)} in the model")
+            engine = engine.reshape(x.shape)
         q = torch.from_numpy(engine.astype(np.float32))
         return (q - grid.zero_point.to(x.device, x.dtype)) * grid.scale.to(x.device, x.dtype)
 
     with torch.no_grad(), tap(sites, fq):
-        model(**{k: v.cpu() for k, v in batch.items()})
+        model(**{k: v.cpu() for k, v in model_inputs(model, batch).items()})
     return codes
 
 
@@ -122,7 +127,7 @@ def engine_codes(path: Path, codes: dict[str, tuple[str, int]], batch: dict,
     return {site: values[name] for site, (name, _) in codes.items()}
 
 
-def code_agreement(model: nn.Module, qa, path: Path, codes: dict[str, tuple[str, int]], batch: dict,
+def code_agreement(model: nn.Module, grids: dict[str, Grid], path: Path, codes: dict[str, tuple[str, int]], batch: dict,
                    threads: int | None) -> tuple[float, dict[str, float]]:
     """(fraction of equal codes over all quantized sites, the fraction per site).
 
@@ -134,11 +139,11 @@ def code_agreement(model: nn.Module, qa, path: Path, codes: dict[str, tuple[str,
     another order, a 16-bit step 256x finer) lands on either side; a wrong grid or kernel moves
     codes by more."""
     got = engine_codes(path, codes, batch, threads)
-    ref = fake_quant_codes(model, qa, batch, got)
+    ref = fake_quant_codes(model, grids, batch, got)
     equal = total = 0
     per_site, bad = {}, []
     for site, want in ref.items():
-        diff = np.abs(got[site].astype(np.float64) - want)
+        diff = np.abs(got[site].astype(np.float64).reshape(want.shape) - want)
         same = int((diff == 0).sum())
         per_site[site] = same / want.size
         equal, total = equal + same, total + want.size

@@ -20,7 +20,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
-from .adapters import ADAPTERS
+from .adapters import ADAPTERS, Adapter, adapter_for
+from .adapters.base import SEGMENT_INPUT
 
 DEFAULT_MODEL_TYPE = "bert"  # a random_config without model_type (model=tiny)
 
@@ -90,7 +91,19 @@ def identity(cfg) -> dict:
 
 def load_tokenizer(cfg):
     """The model's tokenizer, with a pad token: decoders (GPT-2, …) ship without one, and both the
-    padded batches and their classification head (which pools the last non-pad token) need it."""
+    padded batches and their classification head (which pools the last non-pad token) need it.
+
+    It returns exactly the inputs the model's family takes: no ``token_type_ids`` for a family
+    without segment embeddings (:attr:`~.adapters.base.Layout.segments`), even where the tokenizer
+    is borrowed from one that has them (the tiny decoders use MiniLM's). Every batch is encoded
+    by it, so such a model is never fed token types (GPT-2 would add them as *word* embeddings)."""
+    tokenizer = _padded_tokenizer(cfg)
+    if not family_adapter(cfg).segments:
+        tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != SEGMENT_INPUT]
+    return tokenizer
+
+
+def _padded_tokenizer(cfg):
     kind, loc = resolve_source(cfg)
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_location(cfg, kind, loc))
     if tokenizer.pad_token is None:
@@ -98,6 +111,17 @@ def load_tokenizer(cfg):
             raise ModelError(f"model {cfg.name}: the tokenizer has neither a pad nor an end-of-sequence token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def family_adapter(cfg) -> Adapter:
+    """The site adapter of the model ``cfg`` names, from its module tree on the meta device (no
+    weights are loaded or allocated)."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(model_config(cfg))
+        return adapter_for(model)
+    except ValueError as err:  # no sequence-classification head, or no adapter (ArchitectureError)
+        raise ModelError(f"model {cfg.name}: {str(err).splitlines()[0]}") from err
 
 
 def _tokenizer_location(cfg, kind: str, loc: str) -> str:
@@ -132,12 +156,15 @@ def model_config(cfg, num_labels: int = 2, pad_token_id: int | None = None) -> P
     return AutoConfig.from_pretrained(loc, num_labels=num_labels, **extra)
 
 
-def load_pretrained(cfg, num_labels: int, seed: int) -> torch.nn.Module:
+def load_pretrained(cfg, num_labels: int, seed: int, pad_token_id: int | None = None) -> torch.nn.Module:
     """The starting model for fine-tuning, with a fresh classification head. A random model
-    pads with its tokenizer's pad id; a checkpoint without one (GPT-2) gets the tokenizer's."""
+    pads with its tokenizer's pad id; a checkpoint without one (GPT-2) gets the tokenizer's.
+    ``pad_token_id``: that id, where the caller holds the tokenizer already (else the tokenizer
+    is loaded here, at most once)."""
     kind, loc = resolve_source(cfg)
+    pad_id = lambda: pad_token_id if pad_token_id is not None else _padded_tokenizer(cfg).pad_token_id
     if kind == "random":
-        conf = model_config(cfg, num_labels, pad_token_id=load_tokenizer(cfg).pad_token_id)
+        conf = model_config(cfg, num_labels, pad_token_id=pad_id())
         torch.manual_seed(seed)
         return AutoModelForSequenceClassification.from_config(conf)
     if kind == "local":
@@ -149,7 +176,7 @@ def load_pretrained(cfg, num_labels: int, seed: int) -> torch.nn.Module:
         raise ModelError(f"model {loc}: cannot load as a sequence classifier: {str(err).splitlines()[0]}") from err
     _check_architecture(cfg, model.config)
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = load_tokenizer(cfg).pad_token_id
+        model.config.pad_token_id = pad_id()
     return model
 
 

@@ -5,6 +5,11 @@ Which module holds which tensor depends on the transformer family; the adapters 
 kinds (``layer.3.ffn.residual``, ``embeddings.sum`` …), so configs and metrics read the same for
 every model. Sites are reached with forward hooks, so no model code is copied or patched.
 
+Some tensors sit at a different site in each family: the FFN's input is the attention
+sublayer's norm in a post-LN model (BERT) but the FFN's own norm in a pre-LN one (GPT-2). A
+*role* names such a tensor the same way everywhere (:data:`ROLES`), and a site pattern may name
+a role (``*.ffn.input``) as well as sites.
+
 Attention scores and probabilities are not module outputs; they are reached through a
 registered attention implementation (``transquant_eager``) — the eager kernel with two taps.
 Scores are tapped after scaling and before the additive mask (the mask holds dtype-min values
@@ -40,6 +45,16 @@ SITE_KINDS = (*LAYER_SITE_NAMES, *OUTER_SITE_NAMES)
 RESIDUAL_KINDS = ("embedding_sum", "attn_residual", "ffn_residual")
 ATTENTION_KINDS = ("attn_scores", "attn_probs")
 
+# Roles: layer tensors that mean the same in every family, held by the site of a different kind
+# depending on the family's norm placement (``post``: each sublayer's sum is normalised, BERT;
+# ``pre``: each sublayer reads a normalised copy, GPT-2). Role suffix -> {placement: site kind}.
+# ``ffn.input``: what the FFN reads — post-LN: the LayerNorm after attention (``attn.norm``);
+# pre-LN: the norm before the FFN (``ffn.norm``). Only the tensors the paper's presets name are
+# roles: a role is worth its indirection only where a site name would mean different things.
+ROLES = {"ffn.input": {"post": "attn_norm", "pre": "ffn_norm"}}
+assert not set(ROLES) & set(LAYER_SITE_NAMES.values()), "a role must not shadow a site name"
+assert all(k in LAYER_SITE_NAMES for by in ROLES.values() for k in by.values())
+
 
 class ArchitectureError(ValueError):
     """No registered adapter maps the model's module tree to sites."""
@@ -55,7 +70,10 @@ class Site:
     ``causal``: attention scores/probabilities of causal attention (query i never attends to
     key j > i). ``tokens_from``: the module whose first input is [batch, tokens, ...] when this
     site's tensor arrives flattened to [batch * tokens, channels] (OPT's FFN); taps see it as
-    [batch, tokens, channels] like every other token-wise site."""
+    [batch, tokens, channels] like every other token-wise site.
+
+    ``roles``: the role suffixes (:data:`ROLES`) this site holds in its family, e.g.
+    ``("ffn.input",)`` for ``layer.3.attn.norm`` of a post-LN model."""
 
     name: str
     kind: str
@@ -65,6 +83,12 @@ class Site:
     channels: int | None
     causal: bool = False
     tokens_from: nn.Module | None = field(default=None, repr=False)
+    roles: tuple[str, ...] = ()
+
+    @property
+    def role_names(self) -> list[str]:
+        """The roles as full names (``layer.3.ffn.input``)."""
+        return [f"layer.{self.layer}.{r}" for r in self.roles]
 
 
 def find_sites(model: nn.Module) -> list[Site]:
@@ -76,14 +100,39 @@ def find_sites(model: nn.Module) -> list[Site]:
     return adapter_for(model).sites(model)
 
 
+def matches(site: Site, pattern: str) -> bool:
+    """Whether a glob pattern selects ``site``: by its name (``*.ffn.residual``, ``layer.11.*``,
+    ``*``) or by a role it holds, where the pattern names that role, i.e. ends with it
+    (``*.ffn.input``, ``layer.3.ffn.input``). A wildcard never reaches a role, so ``*`` or
+    ``*.ffn.*`` select the same sites as they would by site names alone."""
+    return fnmatch.fnmatchcase(site.name, pattern) or any(
+        pattern.endswith(role) and fnmatch.fnmatchcase(name, pattern)
+        for role, name in zip(site.roles, site.role_names))
+
+
 def select(sites: list[Site], patterns: list[str]) -> list[Site]:
-    """Sites whose name matches any glob pattern (``*.ffn.residual``, ``layer.11.*``, ``*``)."""
-    return [s for s in sites if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    """Sites that any glob pattern selects (see :func:`matches`), in forward order."""
+    return [s for s in sites if any(matches(s, p) for p in patterns)]
 
 
 def unmatched(sites: list[Site], patterns: list[str]) -> list[str]:
     """Patterns that select nothing — almost always a typo worth an error."""
     return [p for p in patterns if not select(sites, [p])]
+
+
+def available(sites: list[Site]) -> str:
+    """What a pattern can select in a model, on one line: its site names (layers folded into
+    ``layer.<0-11>.{...}``) and its roles with the site each is here."""
+    layers = sorted({s.layer for s in sites if s.layer is not None})
+    span = f"layer.<{layers[0]}-{layers[-1]}>." if len(layers) > 1 else f"layer.{layers[0]}." if layers else ""
+    inner = list(dict.fromkeys(LAYER_SITE_NAMES[s.kind] for s in sites if s.layer is not None))
+    first = next((i for i, s in enumerate(sites) if s.layer is not None), len(sites))
+    names = [s.name for s in sites[:first] if s.layer is None]
+    names += [f"{span}{{{', '.join(inner)}}}"] if inner else []
+    names += [s.name for s in sites[first:] if s.layer is None]
+    roles = {r: LAYER_SITE_NAMES[s.kind] for s in sites for r in s.roles}
+    held = ", ".join(f"{span}{r} (here {span}{suffix})" for r, suffix in roles.items())
+    return f"sites {', '.join(names)}; roles {held or 'none'}"
 
 
 # --- tapping -----------------------------------------------------------------------------------
@@ -115,9 +164,17 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _quantized_eager_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, eager_mask)
 
 
+def tappable_attention(model: nn.Module) -> bool:
+    """Whether the model's attention goes through transformers' attention registry, where the
+    scores/probs taps live (MPNet computes its attention itself: it has no such sites)."""
+    return bool(getattr(model, "_supports_attention_backend", False))
+
+
 def use_tappable_attention(model: nn.Module) -> None:
-    """Switch the model to the eager kernel with taps (needed for scores/probs sites)."""
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    """Switch the model to the eager kernel with taps (needed for scores/probs sites); a no-op for
+    a model whose attention cannot be tapped."""
+    if tappable_attention(model):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from torch import nn
 from ..core.errors import TransquantError
 from .ptq import QuantizedActivations, SitePlan, calibrate, plan_sites, quantize_weights_
 from .quantizers import Grid, quantize
-from .sites import ATTN_IMPLEMENTATION, find_sites, use_tappable_attention
+from .sites import ATTN_IMPLEMENTATION, find_sites, tappable_attention, use_tappable_attention
 
 STATE_FILE = "quant_state.safetensors"
 FORMAT_VERSION = 1
@@ -143,7 +143,7 @@ class QuantState:
             if not isinstance(weight, torch.Tensor) or not torch.equal(weight, w.dequantize(weight)):
                 raise TransquantError(f"quant state: the weight of {name} is not the state's; "
                                       "call state.apply(model) first")
-        if self.sites and model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        if self.sites and tappable_attention(model) and model.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise TransquantError("quant state: the model's attention cannot be tapped; call state.apply(model) first")
         acts = self.activations_for(model)
         with acts.active() if acts is not None else nullcontext():

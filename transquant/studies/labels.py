@@ -22,9 +22,9 @@ QUANT_KEYS = ("method", "weight_bits", "weight_estimator", "act_bits", "estimato
 PAPER_SUFFIX = "_paper"  # conf/quant/<family>_paper.yaml: the 2021 authors' exact preset of a family
 FAMILY_NAMES = {"peg": "PEG", "mixed": "mixed", "percentile": "percentile", "mixed_paper": "mixed W8A{8,16}"}
 # Site kinds in forward order, for ordering leave-one-out rows.
-SITE_ORDER = ("embeddings.sum", "embeddings.norm", "attn.query", "attn.key", "attn.value", "attn.scores",
-              "attn.probs", "attn.context", "attn.output", "attn.residual", "attn.norm", "ffn.intermediate",
-              "ffn.output", "ffn.residual", "ffn.norm", "pooler", "logits")
+SITE_ORDER = ("embeddings.sum", "embeddings.norm", "attn.query", "attn.key", "attn.value", "attn.qkv",
+              "attn.scores", "attn.probs", "attn.context", "attn.output", "attn.residual", "attn.norm", "ffn.input",
+              "ffn.intermediate", "ffn.output", "ffn.residual", "ffn.norm", "pooler", "logits")
 
 
 # --- params -------------------------------------------------------------------------------------

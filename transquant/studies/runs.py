@@ -7,8 +7,16 @@ from typing import Iterable
 
 import pandas as pd
 
-from .labels import (effective_grouping, family_of, join_patterns, method_defaults, method_label, method_sort_key,
-                     parse_param, quant_params)
+from .labels import (
+    effective_grouping,
+    family_of,
+    join_patterns,
+    method_defaults,
+    method_label,
+    method_sort_key,
+    parse_param,
+    quant_params,
+)
 
 
 def calibration_sequences(params: dict[str, str], q: dict) -> int | None:

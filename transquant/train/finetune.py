@@ -75,7 +75,8 @@ def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
 
 def train(model_cfg, task: Task, cfg, tokenizer, device: torch.device) -> torch.nn.Module:
     seed_everything(cfg.seed)
-    model = models.load_pretrained(model_cfg, num_labels=2, seed=cfg.seed).to(device)
+    model = models.load_pretrained(model_cfg, num_labels=2, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
+    model = model.to(device)
     items = encode(tokenizer, task.train, cfg.max_length)
     steps_per_epoch = n_batches(len(items), cfg.batch_size)
     total = steps_per_epoch * cfg.epochs

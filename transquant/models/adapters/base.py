@@ -8,7 +8,13 @@ output carries the logits (decoders pool the last real token inside ``forward``)
 
 Norm placement: ``post`` (BERT: each sublayer's residual sum is normalised, so the sum is the
 LayerNorm's input and the norm's output is the stream) or ``pre`` (GPT-2: each sublayer reads a
-normalised copy, and the stream carries the sums un-normalised to a final norm).
+normalised copy, and the stream carries the sums un-normalised to a final norm). It decides which
+site holds each role (:data:`~transquant.quant.sites.ROLES`): the FFN input is ``attn.norm`` in a
+post-LN family and ``ffn.norm`` in a pre-LN one.
+
+Segments: whether the family has segment (token type) embeddings, which mark a pair's first and
+second sentence. Only those families are given ``token_type_ids``: DistilBERT and OPT have no such
+table, and GPT-2 would look token type ids up in its *word* embeddings.
 """
 from __future__ import annotations
 
@@ -18,9 +24,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...core.registry import Registry
-from ...quant.sites import ATTENTION_KINDS, LAYER_SITE_NAMES, OUTER_SITE_NAMES, ArchitectureError, Site
+from ...quant.sites import ATTENTION_KINDS, LAYER_SITE_NAMES, OUTER_SITE_NAMES, ROLES, ArchitectureError, Site
 
 NORM_PLACEMENTS = ("post", "pre")
+assert all(set(by) == set(NORM_PLACEMENTS) for by in ROLES.values()), "every role needs a site per norm placement"
+SEGMENT_INPUT = "token_type_ids"
 SIDES = ("output", "input", "scores", "probs")
 MAX_LISTED = 4  # missing paths named per adapter in an error
 
@@ -41,12 +49,14 @@ class Tap:
 
 @dataclass(frozen=True)
 class Layout:
-    """One family's sites, each dict in forward order (kind -> :class:`Tap`)."""
+    """One family's sites, each dict in forward order (kind -> :class:`Tap`); ``norm`` and
+    ``segments`` as the module docstring says."""
 
     family: str
     blocks: str
     norm: str
     causal: bool
+    segments: bool
     embeddings: dict[str, Tap]
     block: dict[str, Tap]
     final: dict[str, Tap] = field(default_factory=dict)
@@ -108,6 +118,15 @@ class Adapter:
     def causal(self) -> bool:
         return self.layout.causal
 
+    @property
+    def segments(self) -> bool:
+        """Whether the family takes ``token_type_ids`` (has segment embeddings)."""
+        return self.layout.segments
+
+    def roles(self, kind: str) -> tuple[str, ...]:
+        """The roles a layer site of ``kind`` holds in this family."""
+        return tuple(role for role, by in ROLES.items() if by[self.norm] == kind)
+
     def problems(self, model: nn.Module) -> list[str]:
         """What this adapter cannot map in ``model`` (empty: it maps it)."""
         return self._resolve(model)[1]
@@ -142,7 +161,8 @@ class Adapter:
             channels = None if kind in ATTENTION_KINDS or kind == "logits" else width(
                 source, "output" if t.width_from else t.side)
             sites.append(Site(name, kind, layer, mod, t.side, channels, causal=lay.causal and kind in ATTENTION_KINDS,
-                              tokens_from=block if t.flat else None))
+                              tokens_from=block if t.flat else None,
+                              roles=self.roles(kind) if layer is not None else ()))
 
         for kind, t in lay.embeddings.items():
             add(OUTER_SITE_NAMES[kind], kind, None, base, prefix, t)

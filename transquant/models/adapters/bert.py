@@ -5,13 +5,13 @@ layers are ``attention.self.{query,key,value}``, ``attention.output.{dense,Layer
 Each residual sum is the *input* of the LayerNorm that follows it: a post-LN encoder adds and
 normalises in one module, so quantizing that input quantizes the sum the stream carries on.
 ELECTRA's embeddings may be narrower than its layers (``embedding_size``); each site's width
-comes from its own module. MPNet does not fit: its attention is ``attn.{q,k,v,o}`` with a
-relative position bias computed outside the shared attention kernels, so no tap would fire.
+comes from its own module. MPNet is post-LN too but has its own names (``attention.attn.{q,k,v,o}``)
+and computes its attention scores itself: it has its own adapter (:mod:`.mpnet`).
 """
 from .base import Adapter, Layout, Tap, register
 
 BERT = register(Adapter(Layout(
-    family="bert", blocks="encoder.layer", norm="post", causal=False,
+    family="bert", blocks="encoder.layer", norm="post", causal=False, segments=True,
     embeddings={"embedding_sum": Tap("embeddings.LayerNorm", "input"),
                 "embedding_norm": Tap("embeddings.LayerNorm")},
     block={"query": Tap("attention.self.query"), "key": Tap("attention.self.key"),

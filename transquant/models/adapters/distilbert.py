@@ -7,7 +7,7 @@ after its tanh: both are the tensor that leaves the Linear layer of the head's f
 from .base import Adapter, Layout, Tap, register
 
 DISTILBERT = register(Adapter(Layout(
-    family="distilbert", blocks="transformer.layer", norm="post", causal=False,
+    family="distilbert", blocks="transformer.layer", norm="post", causal=False, segments=False,
     embeddings={"embedding_sum": Tap("embeddings.LayerNorm", "input"),
                 "embedding_norm": Tap("embeddings.LayerNorm")},
     block={"query": Tap("attention.q_lin"), "key": Tap("attention.k_lin"), "value": Tap("attention.v_lin"),

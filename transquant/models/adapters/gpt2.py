@@ -3,8 +3,9 @@
 - ``c_attn`` computes query, key and value in one Conv1D; its output is one site of kind
   ``qkv`` (``layer.i.attn.qkv``, three times the hidden width): a deployed fused projection
   has one output tensor, hence one quantizer.
-- The embedding sum (token + position, + token types when given) is ``drop``'s output, the
-  stream entering block 0.
+- The embedding sum (token + position) is ``drop``'s output, the stream entering block 0.
+- No segment embeddings (``segments=False``): ``forward`` accepts ``token_type_ids`` but looks
+  them up in the *word* embeddings, so the model is never given them.
 - The post-attention residual sum is computed inline in the block, so it is tapped as the input
   of ``ln_2``: that quantizes what the norm sees, while the stream carried to the FFN's add stays
   float. The post-FFN sum is the block's own output, the stream itself.
@@ -14,7 +15,7 @@
 from .base import Adapter, Layout, Tap, register
 
 GPT2 = register(Adapter(Layout(
-    family="gpt2", blocks="h", norm="pre", causal=True,
+    family="gpt2", blocks="h", norm="pre", causal=True, segments=False,
     embeddings={"embedding_sum": Tap("drop", width_from="ln_f")},
     block={"attn_norm": Tap("ln_1"), "qkv": Tap("attn.c_attn"), "attn_scores": Tap("attn", "scores"),
            "attn_probs": Tap("attn", "probs"), "context": Tap("attn.c_proj", "input"),

@@ -25,7 +25,7 @@ class OPTAdapter(Adapter):
 
 
 OPT = register(OPTAdapter(Layout(
-    family="opt", blocks="layers", norm="pre", causal=True,
+    family="opt", blocks="layers", norm="pre", causal=True, segments=False,
     embeddings={"embedding_sum": Tap("layers.0", "input", width_from="layers.0.self_attn_layer_norm")},
     block={"attn_norm": Tap("self_attn_layer_norm"), "query": Tap("self_attn.q_proj"),
            "key": Tap("self_attn.k_proj"), "value": Tap("self_attn.v_proj"),

@@ -8,7 +8,7 @@ The embeddings are still normalised after their sum, and the encoder ends in ``L
 from .base import Adapter, Layout, Tap, register
 
 ROBERTA_PRELN = register(Adapter(Layout(
-    family="roberta-prelayernorm", blocks="encoder.layer", norm="pre", causal=False,
+    family="roberta-prelayernorm", blocks="encoder.layer", norm="pre", causal=False, segments=True,
     embeddings={"embedding_sum": Tap("embeddings.LayerNorm", "input"),
                 "embedding_norm": Tap("embeddings.LayerNorm")},
     block={"attn_norm": Tap("attention.LayerNorm"), "query": Tap("attention.self.query"),
