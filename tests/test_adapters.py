@@ -283,3 +283,25 @@ def test_load_pretrained_reuses_a_known_pad_id_and_loads_the_tokenizer_at_most_o
     cfg = model_cfg("tiny-gpt2")
     assert models.load_pretrained(cfg, num_labels=2, seed=0, pad_token_id=0).config.pad_token_id == 0 and not calls
     assert models.load_pretrained(cfg, num_labels=2, seed=0).config.pad_token_id == 0 and len(calls) == 1
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_readers_name_the_linears_that_read_each_norm(name):
+    """Each family declares which linears read each norm's output (what the transforms fold into):
+    their input width is the norm's, post-LN families say where the residual gets it back, and the
+    last post-LN norm (it feeds the head) is left alone."""
+    model = tiny(name)
+    adapter = adapter_for(model)
+    modules = dict(model.named_modules())
+    groups = adapter.reader_groups(model)
+    assert len(groups) == 4  # two blocks: two norms each (post-LN: embedding norm + 3, the last one left)
+    for g in groups:
+        width = modules[g.norm].normalized_shape[-1]
+        for lin in g.linears:
+            m = modules[lin]
+            assert (m.nx if hasattr(m, "nx") else m.in_features) == width, lin
+        assert (g.restore is None) == (adapter.norm == "pre" or g.linears[-1].endswith("embeddings_project")), g
+    sites = find_sites(model)  # the norm feeding the head: final norm (pre-LN), last block's FFN norm (post-LN)
+    last = next(s for s in sites if s.name == "final.norm") if adapter.norm == "pre" else \
+        [s for s in sites if s.kind == "ffn_norm"][-1]
+    assert all(modules[g.norm] is not last.module for g in groups)

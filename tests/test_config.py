@@ -20,8 +20,12 @@ BAD = [
     (["quant.act_bits=17"], "quant.act_bits=17"),
     (["quant.act_bits=8.5"], "quant.act_bits=8.5"),
     (["quant=mixed", "quant.high_bits=32"], "quant.high_bits=32"),
-    (["quant.estimator=mse"], "quant.estimator=mse: allowed minmax, percentile"),
-    (["quant.estimator=peg"], "quant.estimator=peg: allowed minmax, percentile"),  # PEG comes from quant.peg_sites
+    (["quant.estimator=l2"], "quant.estimator=l2: allowed minmax, percentile, dynamic, mse"),
+    # PEG comes from quant.peg_sites
+    (["quant.estimator=peg"], "quant.estimator=peg: allowed minmax, percentile, dynamic, mse"),
+    (["quant.weight_granularity=row"], "quant.weight_granularity=row: allowed tensor, channel"),
+    (["quant.bias_correction=maybe"], "quant.bias_correction=maybe: must be true or false"),
+    (["quant=dynamic", "profile.engine=onnxruntime"], "quant.estimator=dynamic: per-token ranges have no onnxruntime"),
     (["quant.weight_estimator=l2"], "quant.weight_estimator=l2: allowed minmax, mse"),
     (["quant=peg", "quant.grouping=random"], "quant.grouping=random: allowed contiguous, sorted, gap"),
     (["quant=peg", "quant.peg_sites=[*.ffn.residul]"], r"quant.peg_sites: pattern\(s\) \['\*.ffn.residul'\] match no site"),

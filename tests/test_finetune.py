@@ -73,3 +73,88 @@ def test_finetune_key_follows_training_code(make_cfg, monkeypatch):
     assert finetune.cache_key(cfg.model, task, cfg.train, cfg.train.max_length) == key
     monkeypatch.setattr(provenance, "source_hash", lambda modules=None: "edited")
     assert finetune.cache_key(cfg.model, task, cfg.train, cfg.train.max_length) != key
+
+
+# --- attention variants (Bondarenko et al., NeurIPS 2023) ---------------------------------------
+
+def test_clipped_softmax_is_its_formula():
+    from transquant.train.attention import clipped_softmax
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 7, generator=g, dtype=torch.float64) * 4
+    p = torch.softmax(x, dim=-1)
+    gamma, zeta = -0.03, 1.0
+    assert torch.equal(clipped_softmax(x, gamma, zeta), torch.clamp((zeta - gamma) * p + gamma, 0, 1))
+    assert torch.equal(clipped_softmax(x, 0.0, 1.0), p)  # gamma = 0, zeta = 1: the plain softmax
+    y = clipped_softmax(x, gamma, zeta)
+    assert (y == 0).any() and (y >= 0).all() and (y <= 1).all()  # exact zeros at finite scores
+    one = clipped_softmax(torch.tensor([[20.0, 0.0, 0.0]]), gamma, 1.1)
+    assert one[0, 0] == 1.0 and (one[0, 1:] == 0).all()  # and exact ones with zeta > 1
+
+
+@pytest.mark.parametrize("model, attention", [("tiny", "clipped_softmax"), ("tiny-gpt2", "clipped_softmax"),
+                                              ("tiny", "gated"), ("tiny-distilbert", "gated")])
+def test_attention_variant_survives_the_checkpoint(make_cfg, tmp_path, model, attention):
+    """The variant is recorded in the checkpoint's config; load_finetuned gives back the same
+    function (same logits), through the tapped kernel, with the gates' trained weights."""
+    from transquant import models
+    from transquant.pipeline import prepare
+    from transquant.quant.sites import (
+        ATTN_IMPLEMENTATION,
+        find_sites,
+        tap,
+        use_tappable_attention,
+    )
+    from transquant.train import attention as variants
+    cfg = make_cfg(f"model={model}", f"train.attention={attention}", "profile.enabled=false", "train.epochs=1",
+                   "task.synthetic_train_size=32", "train.gate_bias_init=1.0")
+    finetune.validate_train(cfg.train)
+    _, task, tokenizer = prepare(cfg)
+    ckpt, _ = finetune.finetuned(cfg.model, task, cfg.train, tokenizer, tmp_path, torch.device("cpu"))
+    loaded = models.load_finetuned(ckpt).eval()
+    assert variants.spec_of(loaded.config)["kind"] == attention
+    assert loaded.config._attn_implementation == ATTN_IMPLEMENTATION
+    variants.check_kernel(loaded)
+    batch = tokenizer(["a short one", "a much longer second sentence here"], padding=True, return_tensors="pt")
+    trained = finetune.train(cfg.model, task, cfg.train, tokenizer, torch.device("cpu"))  # same seed: same weights
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, trained(**batch).logits, atol=1e-5)
+        if attention == "gated":
+            gates = [m.transquant_gate for m in variants.attention_modules(loaded)]
+            assert len(gates) == 2 and all(g.bias.abs().sum() > 0 for g in gates)
+            assert any((g.bias - 1.0).abs().max() > 0 for g in gates)  # trained, not re-initialised
+        else:  # the probabilities the quantizer sees are the clipped ones (exact zeros at pads)
+            use_tappable_attention(loaded)
+            seen = []
+            probs = [s for s in find_sites(loaded) if s.kind == "attn_probs"]
+            with tap(probs, lambda s, x: seen.append(x) or x):
+                loaded(**batch)
+            assert len(seen) == 2 and all((p == 0).any() for p in seen)
+    loaded.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="only the transquant_eager kernel"):
+        variants.check_kernel(loaded)
+
+
+def test_plain_softmax_leaves_the_model_untouched(make_cfg):
+    """The default recipe trains the model it always did: no config attribute, no kernel switch."""
+    from transquant.pipeline import prepare
+    from transquant.train import attention as variants
+    cfg = make_cfg("train.epochs=1", "task.synthetic_train_size=16")
+    _, task, tokenizer = prepare(cfg)
+    model = finetune.train(cfg.model, task, cfg.train, tokenizer, torch.device("cpu"))
+    assert not hasattr(model.config, variants.CONFIG_ATTR)
+    assert model.config._attn_implementation != "transquant_eager"
+    assert set(model.train_history) == {"loss"}
+
+
+def test_a_gated_model_without_gates_refuses_to_run(make_cfg, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from transquant.pipeline import prepare
+    from transquant.quant.sites import use_tappable_attention
+    cfg = make_cfg("train.attention=gated", "profile.enabled=false", "train.epochs=1", "task.synthetic_train_size=16")
+    _, task, tokenizer = prepare(cfg)
+    ckpt, _ = finetune.finetuned(cfg.model, task, cfg.train, tokenizer, tmp_path, torch.device("cpu"))
+    bare = AutoModelForSequenceClassification.from_pretrained(str(ckpt))  # no gates
+    use_tappable_attention(bare)
+    with pytest.raises(ValueError, match="no gates"):
+        bare(**tokenizer(["x y"], return_tensors="pt"))

@@ -109,7 +109,7 @@ def test_pareto_mask():
 def test_params_round_trip_and_labels_of_every_method_preset():
     """Each conf/method file composes, logs like the pipeline (flatten) and gets a distinct label."""
     methods = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
-    assert len(methods) == 25  # 21 of the 2026 study + 4 exact paper presets
+    assert len(methods) == 31  # 21 of the 2026 study + 4 exact paper presets + 6 of the mitigations study
     labels = {}
     with initialize_config_dir(config_dir=CONF_DIR):
         for m in methods:
@@ -119,7 +119,7 @@ def test_params_round_trip_and_labels_of_every_method_preset():
     assert labels["fp32"] == "FP32" and labels["w8a8"] == "W8A8" and labels["w32a8"] == "W32A8"
     assert labels["peg_k2_noperm"] == "PEG K=2 contiguous" and labels["peg_k2_perm"] == "PEG K=2 sorted"
     assert labels["peg_k6_gap"] == "PEG K=6 gap" and labels["pct_99_9"] == "percentile p=99.9"
-    assert labels["mixed"] == "mixed"
+    assert labels["mixed"] == "mixed" and labels["os_plus"] == "OS+" and labels["w8a8_bc"] == "W8A8 +bias-corr"
     assert parse_param("['*.ffn.residual']") == ["*.ffn.residual"] and parse_param("None") is None
     assert method_label({"method": "w8a8", "act_bits": 6}) == "W8A6"
     assert method_label({"method": "mixed", "act_bits": 4}, with_bits=False) == "mixed"

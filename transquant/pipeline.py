@@ -5,6 +5,7 @@ quantized accuracy so Hydra's Optuna sweeper can optimise it.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import tempfile
@@ -21,16 +22,18 @@ from omegaconf import DictConfig
 from . import models
 from .analysis.error_attribution import quantization_error
 from .analysis.figures import log_figures
-from .analysis.job import figure_k, job_statistics
-from .analysis.statistics import sample_items
-from .analysis.to_mlflow import log_quantization_error, log_statistics
+from .analysis.job import figure_k, job_statistics, stats_config
+from .analysis.statistics import fp32_statistics, sample_items
+from .analysis.to_mlflow import log_quantization_error, log_statistics, log_transformed_statistics
 from .core import cache, config, tracking
 from .core.errors import TransquantError
 from .core.provenance import FP32_EVAL_MODULES, fingerprint
 from .core.tracking import JobRun
 from .data.tasks import DataError, batches, encode, load_task
 from .deploy.profiling import profile_stage
+from .quant.sites import find_sites
 from .quant.state import STATE_FILE, QuantState, quantize_
+from .quant.transforms import fold_
 from .studies.significance import PREDICTIONS, job_metrics, save_predictions
 from .train import finetune
 from .train.evaluate import percent_correct, predictions
@@ -42,6 +45,18 @@ def device_of(cfg: DictConfig) -> torch.device:
     if cfg.hardware.threads:
         torch.set_num_threads(cfg.hardware.threads)
     return torch.device(cfg.hardware.device)
+
+
+def history_metrics(history: dict[str, list[float]], share: float = 0.05) -> dict[str, float]:
+    """The fine-tune's training curves as scalars: each series' mean over its first and last
+    ``share`` of steps (``finetune_reg_first`` / ``_last``: did the regulariser act?)."""
+    out = {}
+    for name, values in history.items():
+        n = max(1, int(len(values) * share))
+        if values:
+            out[f"finetune_{name}_first"] = sum(values[:n]) / n
+            out[f"finetune_{name}_last"] = sum(values[-n:]) / n
+    return out
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -131,6 +146,7 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
         run.tag("finetune_cache", "hit" if was_cached else "miss")
         run.tag("checkpoint", str(ckpt))
         metrics = {} if was_cached else {"finetune_seconds": time.perf_counter() - started}
+        metrics.update(history_metrics(finetune.history(ckpt)))
         model = models.load_finetuned(ckpt).to(device)
         val_items = encode(tokenizer, task.validation, cfg.train.max_length)
         fp32_pred, labels, metrics["fp32_eval_seconds"] = fp32_predictions(model, ckpt, val_items, task, cfg,
@@ -171,12 +187,22 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
                 run.artifact_file(state.save(Path(tmp) / STATE_FILE), "quant_state")
         log.info("%s accuracy %.2f %% (FP32 %.2f %%, drop %.2f points)", q.method, acc, fp32, fp32 - acc)
 
-        fp32_model = models.load_finetuned(ckpt).to(device) if (stats and qa) or cfg.profile.enabled else None
+        transformed = state.transform is not None
+        fp32_model = (models.load_finetuned(ckpt).to(device) if (stats and (qa or transformed)) or cfg.profile.enabled
+                      else None)
+        # The reference of the error attribution: the FP32 function with the transformed tensors at
+        # the sites (a transform rescales norm outputs on purpose; that is not quantization error).
+        reference = fold_(copy.deepcopy(fp32_model), state.transform) if transformed and fp32_model else fp32_model
         if stats is not None:
+            if transformed:
+                s = stats_config(cfg)
+                log_transformed_statistics(run, fp32_statistics(
+                    reference, find_sites(reference), sample_items(val_items, s.num_examples), pad_id, device,
+                    s.batch_size, s.top_k, s.reservoir, measure_cost=False, special_ids=tokenizer.all_special_ids))
             error_df = None
             if qa is not None:
                 t0 = time.perf_counter()
-                error_df = quantization_error(fp32_model, model, qa, qa.sites,
+                error_df = quantization_error(reference, model, qa, qa.sites,
                                               sample_items(val_items, cfg.stats.num_examples), pad_id, device,
                                               cfg.stats.batch_size)
                 log_quantization_error(run, error_df)

@@ -20,6 +20,23 @@ def _finite(v) -> float | None:
     return float(v) if v is not None and math.isfinite(v) else None
 
 
+def _layer_metrics(run, stats: ActivationStats, prefix: str, headline: bool) -> None:
+    """``<prefix>.<kind>.<stat>`` per site at step = layer (0 outside the layers); with
+    ``headline`` also the un-prefixed statistics of the FFN residual sum."""
+    stat_names = HEADLINE_STATS + ("max_over_median",)
+    per_step: dict[int, dict[str, float]] = {}
+    for s in stats.sites:
+        row = per_step.setdefault(s.step, {})
+        values = {k: getattr(s, k) for k in stat_names}
+        for k, v in values.items():
+            row[f"{prefix}.{s.kind}.{k}"] = _finite(v)
+        if headline and s.kind == HEADLINE_KIND:
+            for k in HEADLINE_STATS:
+                row[k] = _finite(values[k])
+    for step, values in sorted(per_step.items()):
+        run.metrics(values, step=step)
+
+
 def log_statistics(run, stats: ActivationStats) -> list[str]:
     """Per-layer metrics (step = layer index) and the artifacts; returns the artifact names.
 
@@ -28,18 +45,7 @@ def log_statistics(run, stats: ActivationStats) -> list[str]:
     with also ``max_over_median``; sites outside the layers (embeddings, pooler) at step 0.
     Scalars: ``stats_seconds``, ``stats_cost_vs_fp32_pass``, ``stats_examples``, ``stats_tokens``.
     """
-    stat_names = HEADLINE_STATS + ("max_over_median",)
-    per_step: dict[int, dict[str, float]] = {}
-    for s in stats.sites:
-        row = per_step.setdefault(s.step, {})
-        values = {k: getattr(s, k) for k in stat_names}
-        for k, v in values.items():
-            row[f"stats.{s.kind}.{k}"] = _finite(v)
-        if s.kind == HEADLINE_KIND:
-            for k in HEADLINE_STATS:
-                row[k] = _finite(values[k])
-    for step, values in sorted(per_step.items()):
-        run.metrics(values, step=step)
+    _layer_metrics(run, stats, "stats", headline=True)
     meta = stats.meta
     run.metrics({"stats_seconds": meta.get("stats_seconds"),
                  "stats_cost_vs_fp32_pass": meta.get("stats_cost_vs_fp32_pass"),
@@ -48,6 +54,15 @@ def log_statistics(run, stats: ActivationStats) -> list[str]:
     run.table(stats.table(), "activation_stats.csv")
     _log_json(run, stats.outliers(), "outlier_channels.json")
     return ["activation_stats.csv", "outlier_channels.json"]
+
+
+def log_transformed_statistics(run, stats: ActivationStats) -> list[str]:
+    """The statistics of the FP32 model after a function-preserving transform (SmoothQuant, OS,
+    OS+): ``transformed.<kind>.<stat>`` per layer and ``activation_stats_transformed.csv``, to
+    set beside ``stats.<kind>.<stat>``: what the transform did to the tensors that get quantized."""
+    _layer_metrics(run, stats, "transformed", headline=False)
+    run.table(stats.table(), "activation_stats_transformed.csv")
+    return ["activation_stats_transformed.csv"]
 
 
 def _log_json(run, payload, name: str) -> None:

@@ -10,9 +10,11 @@ from transformers import AutoModelForSequenceClassification
 
 from .. import models
 from ..deploy.engines import ENGINES
-from ..quant.ptq import SHARE_GROUPS, plan_sites
+from ..quant.ptq import SHARE_GROUPS, WEIGHT_GRANULARITIES, plan_sites
 from ..quant.ranges import ESTIMATORS, GROUPINGS, WEIGHT_ESTIMATORS
 from ..quant.sites import ArchitectureError, Site, available, find_sites, select, unmatched
+from ..quant.transforms import validate_transform
+from ..train.regularizers import validate_train
 from .errors import TransquantError
 from .tracking import check_artifacts, check_uri
 
@@ -55,8 +57,12 @@ def validate_static(cfg: DictConfig) -> None:
     q = cfg.quant
     for key in ("weight_bits", "act_bits", "high_bits"):
         _bits(f"quant.{key}", q[key])
+    validate_transform(q)
     ESTIMATORS.check(q.estimator)
     WEIGHT_ESTIMATORS.check(q.weight_estimator)
+    _check(q.weight_granularity in WEIGHT_GRANULARITIES,
+           f"quant.weight_granularity={q.weight_granularity}: allowed {', '.join(WEIGHT_GRANULARITIES)}")
+    _check(isinstance(q.bias_correction, bool), f"quant.bias_correction={q.bias_correction}: must be true or false")
     _check(q.share_groups in SHARE_GROUPS, f"quant.share_groups={q.share_groups}: allowed {', '.join(SHARE_GROUPS)}")
     if q.estimator == "percentile":
         p = q.percentile
@@ -82,10 +88,18 @@ def validate_static(cfg: DictConfig) -> None:
            f"train.max_grad_norm={t.max_grad_norm}: must be > 0, or null for no clipping")
     _check(isinstance(t.weight_decay, (int, float)) and t.weight_decay >= 0,
            f"train.weight_decay={t.weight_decay}: must be >= 0")
+    validate_train(t)
+    _check(t.attention == "softmax" or not cfg.profile.enabled,
+           f"train.attention={t.attention}: the profiled engines export the stock attention, not this variant; "
+           "use profile.enabled=false")
     _positive_int("calibration.num_batches", cfg.calibration.num_batches)
     _positive_int("calibration.batch_size", cfg.calibration.batch_size)
     _positive_int("eval.batch_size", cfg.eval.batch_size)
     ENGINES.check(cfg.profile.get("engine", "onnxruntime"))
+    _check(not (q.estimator == "dynamic" and q.act_bits is not None and cfg.profile.enabled
+                and cfg.profile.get("engine", "onnxruntime") == "onnxruntime"),
+           "quant.estimator=dynamic: per-token ranges have no onnxruntime engine (static QDQ grids only); "
+           "use profile.engine=torch or none, or profile.enabled=false")
     attention = cfg.profile.get("fp32_attention", "sdpa")
     _check(attention in FP32_ATTENTIONS,
            f"profile.fp32_attention={attention}: allowed {', '.join(FP32_ATTENTIONS)}")

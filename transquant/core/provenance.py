@@ -18,15 +18,19 @@ LIBRARIES = ("torch", "transformers", "onnxruntime", "onnx")
 # (so a new adapter file is covered without touching this list).
 # A fine-tuned checkpoint's weights:
 # (The adapters decide which inputs a family's tokenizer gives, e.g. no token types for GPT-2.)
-FINETUNE_MODULES = ("transquant.train.finetune", "transquant.models.loading", "transquant.models.adapters",
-                    "transquant.data.tasks")
+FINETUNE_MODULES = ("transquant.train.finetune", "transquant.train.regularizers", "transquant.train.attention",
+                    "transquant.models.loading", "transquant.models.adapters", "transquant.data.tasks")
+# ... and, with a regulariser (it taps the residual sums) or an attention variant (it runs in the
+# tapped kernel), the sites too. A plain recipe never runs them: an edit there keeps its checkpoints.
+FINETUNE_VARIANT_MODULES = ("transquant.quant.sites",)
 # The cached FP32 predictions of a checkpoint:
 FP32_EVAL_MODULES = ("transquant.train.evaluate", "transquant.data.tasks", "transquant.models.loading",
-                     "transquant.models.adapters")
+                     "transquant.models.adapters", "transquant.train.attention", "transquant.quant.sites")
 # The cached FP32 statistics (token masks, site taps, batching, loading):
 STATS_MODULES = ("transquant.analysis.accumulators", "transquant.analysis.histogram", "transquant.analysis.results",
                  "transquant.analysis.statistics", "transquant.quant.ptq", "transquant.quant.sites",
-                 "transquant.models.adapters", "transquant.data.tasks", "transquant.models.loading")
+                 "transquant.models.adapters", "transquant.data.tasks", "transquant.models.loading",
+                 "transquant.train.attention")
 
 
 def _files(modules: tuple[str, ...] | None) -> list[Path]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..quant.quantizers import Grid
 from ..quant.sites import find_sites
 from ..quant.state import QuantState, WeightState
 from .export import export_onnx, gemm_to_matmul, param_name
@@ -30,14 +31,16 @@ from .verify import code_agreement, matmul_kernels
 log = logging.getLogger("transquant")
 
 
-def int8_weights(state: QuantState) -> dict[str, WeightState]:
+def int8_weights(state: QuantState, per_channel: bool = False) -> dict[str, WeightState]:
     """Module name -> weight state for the weights on a <= 8-bit grid: the engines store their
-    integer codes; wider grids stay float with their exact (dequantized) values."""
+    integer codes; wider grids stay float with their exact (dequantized) values. Per-channel
+    grids (``quant.weight_granularity=channel``) only for an engine that stores them
+    (``per_channel``), else :class:`EngineError`."""
     out = {}
     for name, w in state.weights.items():
         if w.grid.qmax > 127:
             continue
-        if w.grid.scale.numel() != 1:
+        if w.grid.scale.numel() != 1 and not per_channel:
             raise EngineError(f"engine: the weight grid of {name} is not per-tensor; "
                               "the engine stores one scale per weight")
         out[name] = w
@@ -73,6 +76,12 @@ def _weight_initializers(proto, name: str, weight: np.ndarray, by_value: dict[tu
         raise EngineError(f"engine export: the weight of {name} is not an initializer of the ONNX graph with the "
                           "quant state's values (as stored or transposed), so its int8 codes cannot be written")
     return found
+
+
+def _transposed(grid: Grid) -> Grid:
+    """The grid of the transposed weight (a per-channel scale [out, 1] becomes [1, out])."""
+    return Grid(grid.scale.T if grid.scale.dim() == 2 else grid.scale,
+                grid.zero_point.T if grid.zero_point.dim() == 2 else grid.zero_point, grid.qmin, grid.qmax)
 
 
 @dataclass
@@ -125,6 +134,10 @@ def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, state: QuantS
     import onnx
     from onnx import numpy_helper
 
+    dynamic = [name for name, s in state.sites.items() if s.grid.per_token]
+    if dynamic:
+        raise EngineError(f"engine: {len(dynamic)} sites ({dynamic[0]}, ...) have per-token dynamic ranges; the "
+                          "onnxruntime engine holds static QDQ grids only (profile.engine=torch or none)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     batch = model_inputs(quant_model, batch)
@@ -157,12 +170,13 @@ def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, state: QuantS
             arr = numpy_helper.to_array(init)
             by_value.setdefault((arr.shape, arr.tobytes()), []).append(init.name)
     int8_names, float_weights, weight_bits = [], [], []
-    stored = int8_weights(state)
+    stored = int8_weights(state, per_channel=True)
     for mod_name, w in stored.items():
         deq = w.dequantize(torch.empty(0)).numpy()
         codes = w.codes.numpy()
         for init_name, transposed in _weight_initializers(proto, mod_name, deq, by_value):
-            quantize_weight(G, init_name, w.grid, np.ascontiguousarray(codes.T) if transposed else codes,
+            grid = _transposed(w.grid) if transposed else w.grid
+            quantize_weight(G, init_name, grid, np.ascontiguousarray(codes.T) if transposed else codes,
                             weight_storage)
         int8_names.append(mod_name)
         weight_bits.append(int(math.log2(w.grid.qmax + 1)) + 1)

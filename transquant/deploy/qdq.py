@@ -1,6 +1,7 @@
 """QuantizeLinear -> DequantizeLinear insertion into an ONNX graph with our calibrated grids:
-activations (per tensor, per channel for PEG), 8-bit weight initializers (gathered embeddings
-dequantized after the Gather), and PEG MatMul inputs split per group onto integer kernels."""
+activations (per tensor, per channel for PEG), 8-bit weight initializers (per tensor or per
+output column; gathered embeddings dequantized after the Gather), and PEG MatMul inputs split
+per group onto integer kernels."""
 from __future__ import annotations
 
 import math
@@ -181,29 +182,41 @@ def quantize_weight(G: GraphEditor, init_name: str, grid: Grid, codes: np.ndarra
     the initializer's layout) + DequantizeLinear with ``grid``'s scale and zero point; a Gather
     reads the int8 table directly and dequantizes only the rows it gathered.
 
+    A per-channel grid (its scale shaped to broadcast against ``codes``, in the same layout)
+    becomes a per-axis DequantizeLinear: one scale and zero point per output column of the MatMul
+    weight, which ORT's integer MatMul kernels take as per-column B scales. A gathered table must
+    be per tensor (its rows would need their own scales gathered along).
+
     ``storage="u8"`` writes matmul weights as uint8 shifted by 128 (the same integers; exact
     U8U8 kernels), ``"s8"`` as int8 (U8S8 kernels: faster on AVX2, but they sum pairs of u8*s8
     products in saturating int16 — see the module docstring)."""
     from onnx import helper
 
-    scale = grid.scale.detach().float().cpu().numpy().astype(np.float32).reshape(())
-    zero = int(grid.zero_point.reshape(()))
-    if not (-128 <= grid.qmin <= grid.qmax <= 127 and grid.qmin <= zero <= grid.qmax):
-        raise EngineError(f"engine: weight grid [{grid.qmin}, {grid.qmax}] (zero point {zero}) of {init_name} "
-                          "is not signed 8-bit")
+    shape = tuple(grid.scale.shape)
+    axes = [d for d, n in enumerate(shape) if n != 1]
+    axis = axes[0] if axes else None
+    scale = grid.scale.detach().float().cpu().numpy().astype(np.float32).reshape(-1 if axes else ())
+    zeros = grid.zero_point.detach().cpu().numpy().astype(np.int64).reshape(scale.shape)
+    signed8 = -128 <= grid.qmin <= grid.qmax <= 127 and (grid.qmin <= zeros).all() and (zeros <= grid.qmax).all()
+    if len(axes) > 1 or (axes and len(shape) != np.ndim(codes)) or not signed8:
+        raise EngineError(f"engine: weight grid [{grid.qmin}, {grid.qmax}] (scale shape {shape}) of {init_name} "
+                          "is not signed 8-bit, per tensor or per channel")
     ints = np.asarray(codes).astype(np.int8)
     consumers = G.consumers(init_name)
     gathers = [n for n in consumers if n.op_type == "Gather" and n.input[0] == init_name]
+    if gathers and axis is not None:
+        raise EngineError(f"engine: {init_name} is gathered (an embedding table) but has per-channel scales")
+    per_axis = {} if axis is None else {"axis": axis}
     s_name = G.const(init_name + "_scale", scale)
     if gathers:
-        q_name, z_name = G.const(init_name + "_int8", ints), G.const(init_name + "_zp", np.full((), zero, np.int8))
+        q_name, z_name = G.const(init_name + "_int8", ints), G.const(init_name + "_zp", zeros.astype(np.int8))
     if len(gathers) < len(consumers):
         if storage == "u8":
             wq = G.const(init_name + "_uint8", (ints.astype(np.int16) + 128).astype(np.uint8))
-            wz = G.const(init_name + "_zp", np.full((), zero + 128, np.uint8))
+            wz = G.const(init_name + "_zp", (zeros + 128).astype(np.uint8))
         else:
             wq = G.const(init_name + "_int8", ints) if not gathers else q_name
-            wz = G.const(init_name + "_zp", np.full((), zero, np.int8)) if not gathers else z_name
+            wz = G.const(init_name + "_zp", zeros.astype(np.int8)) if not gathers else z_name
     dq_out = None
     for node in consumers:
         if node in gathers:
@@ -217,7 +230,7 @@ def quantize_weight(G: GraphEditor, init_name: str, grid: Grid, codes: np.ndarra
             if dq_out is None:
                 dq_out = G.fresh(init_name + "_dq")
                 G.front.append(helper.make_node("DequantizeLinear", [wq, s_name, wz], [dq_out],
-                                                name=G.fresh("tq_dqw")))
+                                                name=G.fresh("tq_dqw"), **per_axis))
             for i, x in enumerate(node.input):
                 if x == init_name:
                     node.input[i] = dq_out
@@ -268,13 +281,14 @@ def split_peg_matmul(G: GraphEditor, tensor: str, q: ActQuant, groups: np.ndarra
         G.place(tensor, nodes + qdq)
         skip.update(id(n) for n in nodes)
         parts.append((idx, dq))
-    for node, (ints, s_name, z_name, rows_float) in plans:
+    for node, (ints, s_name, z_name, rows_float, attrs) in plans:
         outs = []
         for g, (idx, dq) in enumerate(parts):
-            if ints is not None:
+            if ints is not None:  # rows of the weight: per-column scales (axis 1) hold for every group
                 w_g = G.const(node.input[1] + f"_g{g}", ints[idx])
                 w_in = G.fresh(node.input[1] + f"_g{g}_dq")
-                G.front.append(helper.make_node("DequantizeLinear", [w_g, s_name, z_name], [w_in], name=G.fresh("tq_dqw")))
+                G.front.append(helper.make_node("DequantizeLinear", [w_g, s_name, z_name], [w_in],
+                                                name=G.fresh("tq_dqw"), **attrs))
             else:
                 w_in = G.const(node.input[1] + f"_g{g}", rows_float[idx])
             y = G.fresh(node.output[0] + f"_g{g}")
@@ -292,15 +306,15 @@ def split_peg_matmul(G: GraphEditor, tensor: str, q: ActQuant, groups: np.ndarra
 
 
 def _weight_source(G: GraphEditor, name: str):
-    """(int8 array, scale name, zp name, None) for a dequantized int8 weight, (None, .., float
-    array) for a float initializer, or None."""
-    from onnx import numpy_helper
+    """(int8 array, scale name, zp name, None, its DequantizeLinear's attributes) for a
+    dequantized int8 weight, (None, .., float array, {}) for a float initializer, or None."""
+    from onnx import helper, numpy_helper
 
     if name in G.inits:
-        return None, None, None, numpy_helper.to_array(G.inits[name])
+        return None, None, None, numpy_helper.to_array(G.inits[name]), {}
     node = next((n for n in G.front if name in n.output and n.op_type == "DequantizeLinear"), None)
     if node is None:
         return None
     arrays = {i.name: i for i in G.g.initializer}
     ints = numpy_helper.to_array(arrays[node.input[0]])
-    return ints, node.input[1], node.input[2], None
+    return ints, node.input[1], node.input[2], None, {a.name: helper.get_attribute_value(a) for a in node.attribute}

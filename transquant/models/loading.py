@@ -192,7 +192,29 @@ def _check_architecture(cfg, conf: PretrainedConfig) -> None:
 
 
 def load_finetuned(path: str | Path) -> torch.nn.Module:
-    return AutoModelForSequenceClassification.from_pretrained(str(path))
+    """A fine-tuned checkpoint, with the attention variant its config records (clipped softmax,
+    gated heads: :mod:`transquant.train.attention`) installed and its gates loaded; a plain
+    softmax checkpoint loads as it always did."""
+    from ..train import attention  # here: it imports quant.sites, which imports this package
+
+    if not attention.gated_checkpoint(path):
+        model = AutoModelForSequenceClassification.from_pretrained(str(path))
+        return attention.install(model)  # a no-op for plain softmax
+    # The stock classes have no gates: their weights are "unexpected" to from_pretrained (which would
+    # print a report of them), are checked to be the only surprise, and are loaded after install().
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(str(path), output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    wrong = [*info.get("missing_keys", ()), *info.get("mismatched_keys", ()),
+             *(k for k in info.get("unexpected_keys", ()) if f".{attention.GATE}." not in k)]
+    if wrong:
+        raise ModelError(f"checkpoint {path}: weights do not match the model: {sorted(map(str, wrong))[:3]}")
+    attention.install(model)
+    attention.load_gates(model, path)
+    return model
 
 
 def hidden_size(cfg) -> int:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..core.errors import TransquantError
-from .quantizers import Grid, asymmetric_grid, fake_quantize, symmetric_grid
+from .quantizers import Grid, fake_quantize, symmetric_grid
 from .ranges import ESTIMATORS, WEIGHT_ESTIMATORS, RangeEstimator, make_groups
 from .sites import Site, select, tap, use_tappable_attention
 
@@ -93,15 +93,31 @@ def _check_group_sources(sites: list[Site], plans: dict[str, SitePlan]) -> None:
                                   f"groups of {src} (width {width[src]}); use quant.share_groups=none")
 
 
-def quantize_weights_(model: nn.Module, bits: int | None, estimator: str = "minmax") -> dict[str, Grid]:
-    """Symmetric per-tensor fake quantization of every Linear, Conv1D (GPT-2's transposed Linear)
-    and Embedding weight, in place.
+WEIGHT_GRANULARITIES = ("tensor", "channel")
 
-    The range comes from the registered weight estimator: max |w| (``minmax``) or the authors'
-    MSE-optimal range (``mse``, :func:`~transquant.quant.ranges.mse_absmax`). Biases stay float
-    (they become int32 accumulators on integer hardware). Returns qualified module name -> the
-    grid its weight was put on (empty for float weights), so an integer engine can reuse exactly
-    those grids.
+
+def output_axis(mod: nn.Module) -> int | None:
+    """The output-channel axis of a weight: 0 for Linear ([out, in]), 1 for Conv1D ([in, out]);
+    None for Embedding tables, which stay per tensor (a per-row scale would be one per token,
+    gathered with the row, which the int8 engine's Gather path does not do)."""
+    if isinstance(mod, nn.Linear):
+        return 0
+    return 1 if isinstance(mod, Conv1D) else None
+
+
+def quantize_weights_(model: nn.Module, bits: int | None, estimator: str = "minmax", granularity: str = "tensor",
+                      input_means: dict[str, torch.Tensor] | None = None) -> dict[str, Grid]:
+    """Symmetric fake quantization of every Linear, Conv1D (GPT-2's transposed Linear) and
+    Embedding weight, in place.
+
+    The range comes from the registered weight estimator: max |w| (``minmax``) or the
+    MSE-optimal range (``mse``, :func:`~transquant.quant.ranges.mse_absmax`), one per tensor or,
+    with ``granularity="channel"``, one per output channel of Linear and Conv1D weights (a scale
+    vector, shaped to broadcast: [out, 1] or [1, out]). Biases stay float (they become int32
+    accumulators on integer hardware); with ``input_means`` (module -> mean input, see
+    :func:`input_means`) each bias absorbs the expected output error of its quantized weight
+    (:func:`correct_bias_`). Returns qualified module name -> the grid its weight was put on
+    (empty for float weights), so an integer engine can reuse exactly those grids.
     """
     weight_range = WEIGHT_ESTIMATORS[estimator]
     grids: dict[str, Grid] = {}
@@ -111,9 +127,62 @@ def quantize_weights_(model: nn.Module, bits: int | None, estimator: str = "minm
         for name, mod in model.named_modules():
             if isinstance(mod, WEIGHT_MODULES):
                 w = mod.weight
-                grids[name] = symmetric_grid(weight_range(w, bits), bits)
-                w.copy_(fake_quantize(w, grids[name]))
+                axis = output_axis(mod) if granularity == "channel" else None
+                r = weight_range(w, bits) if axis is None else weight_range(w, bits, axis)
+                grids[name] = symmetric_grid(r, bits)
+                fq = fake_quantize(w, grids[name])
+                if input_means is not None and name in input_means:
+                    correct_bias_(mod, w - fq, input_means[name])
+                w.copy_(fq)
     return grids
+
+
+def correct_bias_(mod: nn.Module, delta: torch.Tensor, mean: torch.Tensor) -> None:
+    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization", sec. 4.2): the
+    quantized weight changes the expected output by -(W - W_q) E[x]; adding (W - W_q) E[x] to the
+    bias cancels it. ``delta`` = W - W_q in the module's layout. A module without a bias is left
+    as it is (there is nothing to absorb the shift)."""
+    if getattr(mod, "bias", None) is None:
+        return
+    mean = mean.to(delta.device, delta.dtype)
+    mod.bias.add_(delta @ mean if isinstance(mod, nn.Linear) else mean @ delta)
+
+
+def input_means(model: nn.Module, batches: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """Per-input-channel mean of every Linear and Conv1D input, over the real (non-pad) tokens of
+    ``batches``, computed on ``model`` as it is (call it before its weights are quantized: the
+    FP32 statistics bias correction needs). Rows are tokens of [batch, tokens, in] inputs and of
+    flat [batch * tokens, in] ones (OPT's FFN); other inputs (pooler, head: one row per sequence)
+    count whole."""
+    token_mask = TokenMask()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def pre(_mod, args):
+            x, mask = args[0], token_mask.mask
+            if x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask]
+            elif x.dim() == 2 and x.shape[0] == mask.numel() != mask.shape[0]:
+                x = x[mask.reshape(-1)]
+            rows = x.detach().reshape(-1, x.shape[-1]).double()
+            sums[name] = sums.get(name, 0) + rows.sum(0)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+        return pre
+
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in model.named_modules()
+               if isinstance(mod, (nn.Linear, Conv1D))]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="bias correction: input means", leave=False):
+                batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                token_mask.mask = batch["attention_mask"].bool()
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (sums[name] / max(counts[name], 1)).float() for name in sums}
 
 
 def token_values(x: torch.Tensor, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
@@ -173,7 +242,8 @@ def calibrate(model: nn.Module, sites: list[Site], plans: dict[str, SitePlan],
               batches: list[dict], device: torch.device) -> QuantizedActivations:
     """Observe every planned site on calibration batches (non-pad tokens only) and fix the grids.
 
-    Estimators that need two passes (exact percentiles) see the batches twice."""
+    Estimators that need two passes (exact percentiles, MSE histograms) see the batches twice;
+    with only per-token (dynamic) sites no batch is run."""
     use_tappable_attention(model)
     estimators = {name: plan.make_estimator() for name, plan in plans.items()}
     token_mask = TokenMask()
@@ -200,8 +270,5 @@ def calibrate(model: nn.Module, sites: list[Site], plans: dict[str, SitePlan],
         if plan.group_source is not None:
             estimators[name].groups = make_groups(*estimators[plan.group_source].channel_ranges(),
                                                   plan.k, plan.grouping)
-    grids = {}
-    for name, est in estimators.items():
-        lo, hi = est.range()
-        grids[name] = asymmetric_grid(lo, hi, plans[name].bits)
+    grids = {name: est.grid(plans[name].bits) for name, est in estimators.items()}
     return QuantizedActivations(sites, plans, estimators, grids)

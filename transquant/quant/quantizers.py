@@ -2,7 +2,10 @@
 
 Everything here is stateless so the arithmetic can be tested against closed forms. A *grid* is
 (scale, zero_point, qmin, qmax); scale and zero_point broadcast against the tensor, so the same
-code serves per-tensor, per-channel and per-group (PEG) ranges.
+code serves per-tensor, per-channel and per-group (PEG) ranges. A *per-token* grid
+(:func:`per_token_grid`, ``quant=dynamic``) has no calibrated range: its scale is NaN and
+:func:`fake_quantize` takes each token's min and max at run time, so a state file, a loaded
+state and every caller of ``fake_quantize`` handle it as any other grid.
 """
 from __future__ import annotations
 
@@ -23,6 +26,11 @@ class Grid:
     @property
     def bins(self) -> int:
         return self.qmax - self.qmin + 1
+
+    @property
+    def per_token(self) -> bool:
+        """A dynamic grid: the range is each token's own, taken when the tensor is seen."""
+        return self.scale.numel() == 1 and bool(torch.isnan(self.scale).all())
 
 
 def asymmetric_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> Grid:
@@ -46,8 +54,23 @@ def symmetric_grid(absmax: torch.Tensor, bits: int) -> Grid:
     return Grid(scale, torch.zeros_like(scale), -(half + 1), half)
 
 
+def per_token_grid(bits: int) -> Grid:
+    """The unsigned ``bits`` grid whose range is each token's [min, max] (last dimension: the
+    channels of a token, the keys of an attention row), widened to contain 0, at run time."""
+    return Grid(torch.tensor(float("nan")), torch.tensor(0.0), 0, 2**bits - 1)
+
+
+def resolve(x: torch.Tensor, grid: Grid) -> Grid:
+    """``grid`` itself, or for a per-token grid the asymmetric grid of each of x's tokens."""
+    if not grid.per_token:
+        return grid
+    bits = (grid.qmax + 1).bit_length() - 1
+    return asymmetric_grid(x.detach().amin(-1, keepdim=True).float(), x.detach().amax(-1, keepdim=True).float(), bits)
+
+
 def quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Integer codes (as float tensor) of x on the grid: clamp(round(x/s) + z)."""
+    grid = resolve(x, grid)
     scale = grid.scale.to(x.device, x.dtype)
     zero = grid.zero_point.to(x.device, x.dtype)
     return torch.clamp(torch.round(x / scale) + zero, grid.qmin, grid.qmax)
@@ -55,6 +78,7 @@ def quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Quantize then dequantize: what an integer kernel would see, in float."""
+    grid = resolve(x, grid)
     scale = grid.scale.to(x.device, x.dtype)
     zero = grid.zero_point.to(x.device, x.dtype)
     return (quantize(x, grid) - zero) * scale

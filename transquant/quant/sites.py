@@ -13,7 +13,8 @@ a role (``*.ffn.input``) as well as sites.
 Attention scores and probabilities are not module outputs; they are reached through a
 registered attention implementation (``transquant_eager``) — the eager kernel with two taps.
 Scores are tapped after scaling and before the additive mask (the mask holds dtype-min values
-that would swamp any range), probabilities after softmax.
+that would swamp any range), probabilities after softmax. The kernel also computes the attention
+variants a fine-tuned model may record (clipped softmax, gated heads: :mod:`transquant.train.attention`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.utils import ModelOutput
+
+from ..train.attention import attention_probs, gate_output
 
 ATTN_IMPLEMENTATION = "transquant_eager"
 
@@ -150,11 +153,11 @@ def _quantized_eager_attention(module, query, key, value, attention_mask, scalin
         scores = taps["scores"](scores)
     if attention_mask is not None:
         scores = scores + attention_mask
-    probs = nn.functional.softmax(scores, dim=-1)
+    probs = attention_probs(module, scores)  # softmax, or the variant the model records
     if "probs" in taps:
         probs = taps["probs"](probs)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    out = gate_output(module, torch.matmul(probs, value).transpose(1, 2)).contiguous()
     return out, probs
 
 

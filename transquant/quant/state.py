@@ -7,10 +7,18 @@ model, which then computes exactly what the calibrated model computed.
 File format: one safetensors file. Its tensors are ``act/<site>/scale``,
 ``act/<site>/zero_point``, ``act/<site>/groups`` (PEG sites: the group id of each channel;
 sorting channels by it gives the permutation), ``weight/<module>/scale``,
-``weight/<module>/zero_point`` and ``weight/<module>/codes`` (int8, int16 or int32, the smallest
-that holds the grid). The header's metadata key ``transquant`` holds the JSON description:
-format version, the quant config, and in forward order per site its kind, layer, plan, integer
-range and granularity, and per weight its integer range.
+``weight/<module>/zero_point`` (per-channel weights: one per output channel, shaped to
+broadcast against the weight), ``weight/<module>/codes`` (int8, int16 or int32, the smallest
+that holds the grid) and, with bias correction, ``weight/<module>/bias`` (the corrected bias).
+The header's metadata key ``transquant`` holds the JSON description: format version, the quant
+config, and in forward order per site its kind, layer, plan, integer range and granularity, and
+per weight its integer range and whether it has a corrected bias.
+
+A function-preserving transform (``quant.transform``, :mod:`.transforms`) adds
+``transform/<norm>/scale`` (and ``.../shift``) per rewritten norm and a ``transform`` entry (its
+name, and per norm whether it has a shift) to the JSON; :meth:`QuantState.apply` re-applies it to
+the fresh FP32 model before loading the weight codes (which were taken from the transformed
+weights). A file without the entry was made with no transform.
 """
 from __future__ import annotations
 
@@ -29,9 +37,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..core.errors import TransquantError
-from .ptq import QuantizedActivations, SitePlan, calibrate, plan_sites, quantize_weights_
+from .ptq import QuantizedActivations, SitePlan, calibrate, input_means, plan_sites, quantize_weights_
 from .quantizers import Grid, quantize
 from .sites import ATTN_IMPLEMENTATION, find_sites, tappable_attention, use_tappable_attention
+from .transforms import TransformState, fold_, transform_
 
 STATE_FILE = "quant_state.safetensors"
 FORMAT_VERSION = 1
@@ -59,6 +68,7 @@ class WeightState:
 
     grid: Grid
     codes: torch.Tensor
+    bias: torch.Tensor | None = None  # quant.bias_correction: the corrected float bias
 
     def dequantize(self, like: torch.Tensor) -> torch.Tensor:
         """The weight in ``like``'s dtype and device, computed as the fake quantizer computes it
@@ -81,6 +91,7 @@ class QuantState:
     sites: dict[str, SiteState]
     weights: dict[str, WeightState]
     activations: QuantizedActivations | None = field(default=None, repr=False, compare=False)
+    transform: TransformState | None = None
     seconds: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -103,6 +114,8 @@ class QuantState:
         """Quantize a fresh copy of the FP32 model the state was made from, in place: weights
         from the stored codes, and the tappable attention when activations are quantized. Use
         :meth:`active` to fake-quantize its activations. Returns ``model``."""
+        if self.transform is not None:
+            fold_(model, self.transform)
         modules = dict(model.named_modules())
         with torch.no_grad():
             for name, w in self.weights.items():
@@ -112,6 +125,8 @@ class QuantState:
                     raise TransquantError(f"quant state: weight of {name} has shape {tuple(w.codes.shape)}, "
                                           f"the model has {found}")
                 weight.copy_(w.dequantize(weight))
+                if w.bias is not None:
+                    modules[name].bias.copy_(w.bias)
         if self.sites:
             use_tappable_attention(model)
             model.eval()
@@ -166,8 +181,13 @@ class QuantState:
         for name, w in self.weights.items():
             tensors.update(_grid_tensors(f"weight/{name}", w.grid))
             tensors[f"weight/{name}/codes"] = _own(w.codes)
-            weights[name] = {"qmin": w.grid.qmin, "qmax": w.grid.qmax}
+            if w.bias is not None:
+                tensors[f"weight/{name}/bias"] = _own(w.bias)
+            weights[name] = {"qmin": w.grid.qmin, "qmax": w.grid.qmax, "bias": w.bias is not None}
         meta = {"version": FORMAT_VERSION, "config": self.config, "sites": sites, "weights": weights}
+        if self.transform is not None:
+            tensors.update(self.transform.tensors())
+            meta["transform"] = self.transform.meta()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
@@ -191,9 +211,11 @@ class QuantState:
             sites = {name: SiteState(d["kind"], d["layer"], SitePlan(**d["plan"]), grid(f"act/{name}", d),
                                      f.get_tensor(f"act/{name}/groups") if d["groups"] else None)
                      for name, d in meta["sites"].items()}
-            weights = {name: WeightState(grid(f"weight/{name}", d), f.get_tensor(f"weight/{name}/codes"))
+            weights = {name: WeightState(grid(f"weight/{name}", d), f.get_tensor(f"weight/{name}/codes"),
+                                         f.get_tensor(f"weight/{name}/bias") if d.get("bias") else None)
                        for name, d in meta["weights"].items()}
-        return cls(meta["config"], sites, weights)
+            transform = TransformState.from_file(meta["transform"], f.get_tensor) if "transform" in meta else None
+        return cls(meta["config"], sites, weights, transform=transform)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
@@ -219,22 +241,36 @@ def quantize_(model: nn.Module, quant_config, calibration_batches: Iterable[dict
 
     Plans the sites, puts every Linear and Embedding weight on its grid, then calibrates the
     activation grids on ``calibration_batches`` (padded batches as ``tasks.batches`` yields them,
-    read only when an activation is quantized, so a lazy iterable costs nothing for float
-    activations). Activations are fake-quantized only inside ``state.active(model)``."""
+    read only when an activation is quantized or biases are corrected, so a lazy iterable costs
+    nothing otherwise). With ``bias_correction`` the FP32 input means are taken on them before
+    the weights are quantized. Activations are fake-quantized only inside ``state.active(model)``."""
     q = quant_config if isinstance(quant_config, DictConfig) else OmegaConf.create(quant_config)
+    device = device if device is not None else next(model.parameters()).device
+    transform, transform_seconds = None, 0.0
+    if q.get("transform", "none") != "none":  # before anything reads the weights or the ranges
+        calibration_batches = list(calibration_batches)
+        t0 = time.perf_counter()
+        transform = transform_(model, q, calibration_batches, device)
+        transform_seconds = time.perf_counter() - t0
     sites = find_sites(model)
     plans = plan_sites(sites, q)
+    correct = q.bias_correction and q.weight_bits is not None
+    calibration_batches = list(calibration_batches) if plans or correct else []
     t0 = time.perf_counter()
-    weight_grids = quantize_weights_(model, q.weight_bits, q.weight_estimator)
+    means = input_means(model, calibration_batches, device) if correct else None
+    weight_grids = quantize_weights_(model, q.weight_bits, q.weight_estimator, q.weight_granularity, means)
     seconds = {"weights": time.perf_counter() - t0}
+    if transform is not None:
+        seconds["transform"] = transform_seconds
     modules = dict(model.named_modules())
-    weights = {name: WeightState(grid, quantize(modules[name].weight.detach(), grid).to(_code_dtype(grid)).cpu())
+    weights = {name: WeightState(grid, quantize(modules[name].weight.detach(), grid).to(_code_dtype(grid)).cpu(),
+                                 _own(modules[name].bias) if correct and getattr(modules[name], "bias", None)
+                                 is not None else None)
                for name, grid in weight_grids.items()}
-    state = QuantState(OmegaConf.to_container(q, resolve=True), {}, weights, seconds=seconds)
+    state = QuantState(OmegaConf.to_container(q, resolve=True), {}, weights, transform=transform, seconds=seconds)
     if plans:
         t0 = time.perf_counter()
-        device = device if device is not None else next(model.parameters()).device
-        qa = calibrate(model, sites, plans, list(calibration_batches), device)
+        qa = calibrate(model, sites, plans, calibration_batches, device)
         seconds["calibration"] = time.perf_counter() - t0
         by_name = {s.name: s for s in sites}
         state.sites = {name: SiteState(by_name[name].kind, by_name[name].layer, plan, qa.grids[name],

@@ -2,8 +2,8 @@
 
 :func:`method_label`: the knobs of ``conf/quant/<method>.yaml`` are the defaults, and every knob
 that differs is spelled out (``PEG K=4 sorted``, ``percentile p=99.9``, ``W8A8 excl
-*.ffn.residual``, ``mixed W8A6``); the 2021 authors' exact presets (``conf/quant/*_paper.yaml``)
-say so: ``W8A8 (paper)``, ``mixed W8A{8,16} (paper)``, ``PEG K=6 sorted (paper)``.
+*.ffn.residual``, ``mixed W8A6``, ``W8A8 w/channel +bias-corr``); the 2021 authors' exact presets
+(``conf/quant/*_paper.yaml``) say so: ``W8A8 (paper)``, ``mixed W8A{8,16} (paper)``, ``PEG K=6 sorted (paper)``.
 """
 from __future__ import annotations
 
@@ -14,13 +14,17 @@ import re
 from ..core.paths import CONF_PATH as CONF_DIR
 
 # Display order of method families in every table (unknown families sort after, by name).
-FAMILY_ORDER = ("fp32", "w8a32", "w32a8", "w8a8", "mixed", "peg", "percentile")
+FAMILY_ORDER = ("fp32", "w8a32", "w32a8", "w8a8", "mixed", "peg", "percentile", "mse", "dynamic", "smoothquant",
+                "outlier_suppression", "os_plus")
 GROUPING_ORDER = ("contiguous", "sorted", "gap")
 NAIVE = ("fp32", "w8a8", "w8a32", "w32a8")  # families named by their bit widths alone
-QUANT_KEYS = ("method", "weight_bits", "weight_estimator", "act_bits", "estimator", "percentile", "act_sites",
-              "act_exclude", "high_bits", "high_bits_sites", "k", "permute", "grouping", "peg_sites", "share_groups")
+QUANT_KEYS = ("method", "weight_bits", "weight_estimator", "weight_granularity", "bias_correction", "transform", "alpha",
+              "act_bits", "estimator", "percentile", "act_sites", "act_exclude", "high_bits", "high_bits_sites", "k", "permute",
+              "grouping", "peg_sites", "share_groups")
 PAPER_SUFFIX = "_paper"  # conf/quant/<family>_paper.yaml: the 2021 authors' exact preset of a family
-FAMILY_NAMES = {"peg": "PEG", "mixed": "mixed", "percentile": "percentile", "mixed_paper": "mixed W8A{8,16}"}
+FAMILY_NAMES = {"peg": "PEG", "mixed": "mixed", "percentile": "percentile", "mixed_paper": "mixed W8A{8,16}",
+                "mse": "MSE", "dynamic": "dynamic", "smoothquant": "SmoothQuant", "outlier_suppression": "OS",
+                "os_plus": "OS+"}
 # Site kinds in forward order, for ordering leave-one-out rows.
 SITE_ORDER = ("embeddings.sum", "embeddings.norm", "attn.query", "attn.key", "attn.value", "attn.qkv",
               "attn.scores", "attn.probs", "attn.context", "attn.output", "attn.residual", "attn.norm", "ffn.input",
@@ -117,6 +121,14 @@ def method_label(q: dict, with_bits: bool = True, with_exclude: bool = True) -> 
         parts.append(_bits(wb, ab))
     if get("weight_estimator") != d.get("weight_estimator"):
         parts.append(f"w={get('weight_estimator')}")
+    if get("weight_granularity") != d.get("weight_granularity"):
+        parts.append(f"w/{get('weight_granularity')}")
+    if get("bias_correction") != d.get("bias_correction"):
+        parts.append("+bias-corr" if get("bias_correction") else "-bias-corr")
+    if get("transform") != d.get("transform"):
+        parts.append(f"+{get('transform')}")
+    if get("transform") == "smoothquant" and get("alpha") != d.get("alpha"):
+        parts.append(f"alpha={_num(get('alpha'))}")
     if get("estimator") == "percentile":
         parts.append(f"p={_num(get('percentile'))}")
     elif get("estimator") != d.get("estimator"):

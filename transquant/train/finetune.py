@@ -1,4 +1,9 @@
-"""FP32 fine-tuning (recipes in ``conf/train/``), cached by everything that changes the weights."""
+"""FP32 fine-tuning (recipes in ``conf/train/``), cached by everything that changes the weights.
+
+Beyond the plain recipe: a regulariser on the residual-sum activations (``train.regularizer``,
+:mod:`.regularizers`) and an attention variant that changes the model (``train.attention``,
+:mod:`.attention`; recorded in the checkpoint's config and restored by ``load_finetuned``). Their
+defaults (``none``, ``softmax``) train exactly as before."""
 from __future__ import annotations
 
 import math
@@ -13,6 +18,10 @@ from tqdm.auto import tqdm
 from .. import models
 from ..core import cache, provenance
 from ..data.tasks import Task, batches, encode, n_batches
+from . import attention, regularizers
+from .regularizers import validate_train  # noqa: F401  (config validation of the knobs below)
+
+HISTORY_FILE = "train_history.json"  # per-step losses, beside the checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -32,10 +41,17 @@ def cache_key(model_cfg, task: Task, train_cfg, max_length: int) -> str:
         "model": models.identity(model_cfg),
         "task": task.name,
         "train_data": task.fingerprint("train"),
-        "recipe": {k: train_cfg[k] for k in sorted(train_cfg)},
+        "recipe": regularizers.effective_recipe(train_cfg),  # every knob that is in effect
         "max_length": max_length,
-        "code": provenance.fingerprint(provenance.FINETUNE_MODULES),
+        "code": provenance.fingerprint(_code_modules(train_cfg)),
     })
+
+
+def _code_modules(train_cfg) -> tuple[str, ...]:
+    """The modules whose code trains with this recipe: a regulariser or an attention variant also
+    runs the site taps / the tapped attention kernel."""
+    plain = train_cfg.get("regularizer", "none") == "none" and train_cfg.get("attention", "softmax") == "softmax"
+    return provenance.FINETUNE_MODULES + (() if plain else provenance.FINETUNE_VARIANT_MODULES)
 
 
 def finetuned(model_cfg, task: Task, train_cfg, tokenizer, cache_dir: Path, device: torch.device
@@ -47,11 +63,22 @@ def finetuned(model_cfg, task: Task, train_cfg, tokenizer, cache_dir: Path, devi
         model = train(model_cfg, task, train_cfg, tokenizer, device)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        cache.write_json_atomic(tmp / HISTORY_FILE, model.train_history)
         cache.write_json_atomic(tmp / "transquant_meta.json", {
             "key": key, "task": task.name, "train_examples": len(task.train),
             "model": models.identity(model_cfg)})
 
     return cache.cached_dir(Path(cache_dir) / "finetune" / key, build)
+
+
+def history(ckpt: Path) -> dict[str, list[float]]:
+    """The per-step training history saved with a checkpoint: ``loss`` (what was minimised),
+    and with a regulariser ``task_loss`` and ``reg`` (its unweighted penalty); {} for a
+    checkpoint cached before histories were kept."""
+    import json
+
+    f = Path(ckpt) / HISTORY_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def _optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -76,7 +103,10 @@ def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
 def train(model_cfg, task: Task, cfg, tokenizer, device: torch.device) -> torch.nn.Module:
     seed_everything(cfg.seed)
     model = models.load_pretrained(model_cfg, num_labels=2, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id)
+    attention.install(model, attention.spec_from_train(cfg))  # a no-op for plain softmax
     model = model.to(device)
+    reg = regularizers.build(model, cfg)
+    hist: dict[str, list[float]] = {"loss": []} if reg is None else {"loss": [], "task_loss": [], "reg": []}
     items = encode(tokenizer, task.train, cfg.max_length)
     steps_per_epoch = n_batches(len(items), cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -89,7 +119,16 @@ def train(model_cfg, task: Task, cfg, tokenizer, device: torch.device) -> torch.
     for epoch in range(cfg.epochs):
         for batch in batches(items, cfg.batch_size, tokenizer.pad_token_id, shuffle_seed=cfg.seed + epoch):
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
+            if reg is None:
+                loss = model(**batch).loss
+            else:
+                with reg.watch(batch["attention_mask"]):
+                    task_loss = model(**batch).loss
+                penalty = reg.penalty()
+                loss = task_loss + cfg.reg_weight * penalty
+                hist["task_loss"].append(task_loss.item())
+                hist["reg"].append(penalty.item())
+            hist["loss"].append(loss.item())
             if not math.isfinite(loss.item()):
                 raise TrainingError(f"fine-tune: loss became {loss.item()} at step {bar.n} "
                                     f"(lr={cfg.lr}); lower train.lr or check the data")
@@ -103,4 +142,5 @@ def train(model_cfg, task: Task, cfg, tokenizer, device: torch.device) -> torch.
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
     bar.close()
     model.train_seconds = time.perf_counter() - started
+    model.train_history = hist
     return model.eval()

@@ -15,6 +15,12 @@ post-LN family and ``ffn.norm`` in a pre-LN one.
 Segments: whether the family has segment (token type) embeddings, which mark a pair's first and
 second sentence. Only those families are given ``token_type_ids``: DistilBERT and OPT have no such
 table, and GPT-2 would look token type ids up in its *word* embeddings.
+
+Readers (``readers``): which linear layers read each norm's output, and, post-LN, where that
+output re-enters the residual stream — what the function-preserving transforms
+(:mod:`transquant.quant.transforms`: SmoothQuant, Outlier Suppression, OS+) need to fold a
+per-channel scale and shift out of a norm into the layers after it. A family with no entry gets
+no transform (the norms stay as they are).
 """
 from __future__ import annotations
 
@@ -47,6 +53,62 @@ class Tap:
     flat: bool = False
 
 
+SCOPES = ("block", "base")
+LINEAR_SCOPES = ("same", "next", "first")
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Where a post-LN norm's output re-enters the residual stream, so a transform that rescales
+    it (z = (y - shift) / scale) can give the residual branch y back (y = z * scale + shift).
+
+    Without ``operand``: the residual is argument ``arg`` of the module at ``path`` (BERT's
+    ``attention.output(h, residual)``), multiplied back there. With ``operand``: the residual is
+    added inline, into the first input of the module at ``path`` (the LayerNorm of the sum); it is
+    the first input of the module at ``operand`` (``""``: the block), and the sum gets
+    ``residual * (scale - 1) + shift`` added. Paths are in the readers' scope."""
+
+    path: str
+    arg: int = 1
+    operand: str | None = None
+
+
+@dataclass(frozen=True)
+class Readers:
+    """The linear layers (``linears``) reading the output of the norm at ``norm``.
+
+    ``at``: where ``norm`` is — ``block`` (in every block) or ``base`` (the base model, once).
+    ``linears_at``: where the linears are — ``same`` (the norm's own block, or the base), ``next``
+    (block i + 1: the last block's norm feeds the head and is left alone), ``first`` (block 0).
+    ``restore``: post-LN only, where the norm's output is also the residual (None: the linears are
+    its only readers). A norm is rewritten by the first entry whose modules all exist."""
+
+    norm: str
+    linears: tuple[str, ...]
+    at: str = "block"
+    linears_at: str = "same"
+    restore: Restore | None = None
+
+
+@dataclass(frozen=True)
+class ResolvedRestore:
+    """A :class:`Restore` in one model: qualified module names."""
+
+    module: str
+    arg: int
+    operand: str | None
+
+
+@dataclass(frozen=True)
+class ReaderGroup:
+    """A :class:`Readers` entry in one model: the norm, its linears and its restore, by
+    qualified module name."""
+
+    norm: str
+    linears: tuple[str, ...]
+    restore: ResolvedRestore | None
+
+
 @dataclass(frozen=True)
 class Layout:
     """One family's sites, each dict in forward order (kind -> :class:`Tap`); ``norm`` and
@@ -62,11 +124,16 @@ class Layout:
     final: dict[str, Tap] = field(default_factory=dict)
     head: dict[str, Tap] = field(default_factory=dict)
     optional: tuple[str, ...] = ()  # kinds a model of the family may lack (the pooler)
+    readers: tuple[Readers, ...] = ()  # norms -> the linears reading them (transforms)
 
     def __post_init__(self) -> None:
         bad = [f"{k}: {t.side}" for k, t in self._all_taps() if t.side not in SIDES]
         bad += [k for k in self.block if k not in LAYER_SITE_NAMES]
         bad += [k for part in (self.embeddings, self.final, self.head) for k in part if k not in OUTER_SITE_NAMES]
+        bad += [f"readers of {r.norm}: at={r.at}, linears_at={r.linears_at}" for r in self.readers
+                if r.at not in SCOPES or r.linears_at not in LINEAR_SCOPES]
+        bad += [f"readers of {r.norm}: a pre-LN norm feeds only its linears, no restore" for r in self.readers
+                if r.restore is not None and self.norm == "pre"]
         if self.norm not in NORM_PLACEMENTS:
             bad.append(f"norm={self.norm} (allowed {', '.join(NORM_PLACEMENTS)})")
         if bad:
@@ -138,9 +205,46 @@ class Adapter:
             raise ArchitectureError(f"{type(model).__name__}: the {self.family} adapter cannot map {_listed(missing)}")
         return sites
 
+    def _base(self, model: nn.Module) -> tuple[str, nn.Module] | None:
+        """(qualified name, module) of the base model: the first submodule holding the blocks."""
+        return next(((n, m) for n, m in model.named_modules() if isinstance(get(m, self.layout.blocks), nn.ModuleList)),
+                    None)
+
+    def reader_groups(self, model: nn.Module) -> list[ReaderGroup]:
+        """Each norm the layout's :class:`Readers` rewrite in ``model``, with its readers and
+        restore as qualified module names, in forward order (first matching entry per norm)."""
+        found = self._base(model)
+        if found is None:
+            raise ArchitectureError(f"{type(model).__name__}: no submodule with '{self.layout.blocks}'")
+        base_name, base = found
+        join = lambda *parts: ".".join(p for p in parts if p)
+        blocks = len(get(base, self.layout.blocks))
+        groups: dict[str, ReaderGroup] = {}
+        for r in self.layout.readers:
+            for i in (range(blocks) if r.at == "block" else [None]):
+                norm = join(base_name, *((self.layout.blocks, str(i)) if i is not None else ()), r.norm)
+                j = {"same": i, "next": None if i is None else i + 1, "first": 0}[r.linears_at]
+                if r.linears_at == "next" and i is None:
+                    j = 0
+                if j is not None and j >= blocks:
+                    continue  # the last block's norm feeds the head
+                scope = join(base_name, *((self.layout.blocks, str(j)) if j is not None else ()))
+                paths = [norm, *(join(scope, p) for p in r.linears)]
+                if r.restore is not None:
+                    paths += [join(scope, r.restore.path)] + (
+                        [join(scope, r.restore.operand)] if r.restore.operand is not None else [])
+                if norm in groups or any(get(model, p) is None for p in paths):
+                    continue
+                restore = None if r.restore is None else ResolvedRestore(
+                    join(scope, r.restore.path), r.restore.arg,
+                    None if r.restore.operand is None else join(scope, r.restore.operand))
+                groups[norm] = ReaderGroup(norm, tuple(join(scope, p) for p in r.linears), restore)
+        order = {n: k for k, (n, _) in enumerate(model.named_modules())}
+        return sorted(groups.values(), key=lambda g: order[g.norm])
+
     def _resolve(self, model: nn.Module) -> tuple[list[Site], list[str]]:
         lay = self.layout
-        found = next(((n, m) for n, m in model.named_modules() if isinstance(get(m, lay.blocks), nn.ModuleList)), None)
+        found = self._base(model)
         if found is None:
             return [], [f"no submodule with '{lay.blocks}' (a list of blocks)"]
         base_name, base = found

@@ -8,7 +8,9 @@ ELECTRA's embeddings may be narrower than its layers (``embedding_size``); each 
 comes from its own module. MPNet is post-LN too but has its own names (``attention.attn.{q,k,v,o}``)
 and computes its attention scores itself: it has its own adapter (:mod:`.mpnet`).
 """
-from .base import Adapter, Layout, Tap, register
+from .base import Adapter, Layout, Readers, Restore, Tap, register
+
+QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
 
 BERT = register(Adapter(Layout(
     family="bert", blocks="encoder.layer", norm="post", causal=False, segments=True,
@@ -23,4 +25,12 @@ BERT = register(Adapter(Layout(
            "ffn_norm": Tap("output.LayerNorm")},
     final={"pooler": Tap("pooler")},  # RoBERTa and ELECTRA classify without one
     head={"logits": Tap("classifier")},
-    optional=("pooler",))))
+    optional=("pooler",),
+    # Each norm's output is the stream: read by the next linears and carried as the residual of the
+    # next sum, which BertSelfOutput / BertOutput take as their second argument. ELECTRA with a
+    # narrower embedding: embeddings_project is the embedding norm's only reader.
+    readers=(Readers("embeddings.LayerNorm", ("embeddings_project",), at="base"),
+             Readers("embeddings.LayerNorm", QKV, at="base", linears_at="first",
+                     restore=Restore("attention.output")),
+             Readers("attention.output.LayerNorm", ("intermediate.dense",), restore=Restore("output")),
+             Readers("output.LayerNorm", QKV, linears_at="next", restore=Restore("attention.output"))))))

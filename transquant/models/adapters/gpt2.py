@@ -12,7 +12,7 @@
 - Logits are the classifier's output, pooled at each sequence's last non-pad token (which is
   why the config needs ``pad_token_id``).
 """
-from .base import Adapter, Layout, Tap, register
+from .base import Adapter, Layout, Readers, Tap, register
 
 GPT2 = register(Adapter(Layout(
     family="gpt2", blocks="h", norm="pre", causal=True, segments=False,
@@ -23,4 +23,6 @@ GPT2 = register(Adapter(Layout(
            "ffn_intermediate": Tap("mlp.c_proj", "input"), "ffn_output": Tap("mlp.c_proj"),
            "ffn_residual": Tap("", width_from="ln_2")},
     final={"final_norm": Tap("ln_f")},
-    head={"logits": Tap("")})))
+    head={"logits": Tap("")},
+    # Conv1D weights are [in, out]: a transform scales their rows. ln_f feeds the head: left alone.
+    readers=(Readers("ln_1", ("attn.c_attn",)), Readers("ln_2", ("mlp.c_fc",))))))

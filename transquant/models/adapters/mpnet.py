@@ -14,7 +14,9 @@
 - Logits are the classifier's output; its head (``dense``, tanh, ``out_proj``) is RoBERTa's, so
   like RoBERTa it has no pooler site.
 """
-from .base import Adapter, Layout, Tap, register
+from .base import Adapter, Layout, Readers, Restore, Tap, register
+
+QKV = ("attention.attn.q", "attention.attn.k", "attention.attn.v")
 
 MPNET = register(Adapter(Layout(
     family="mpnet", blocks="encoder.layer", norm="post", causal=False, segments=False,
@@ -25,4 +27,11 @@ MPNET = register(Adapter(Layout(
            "attn_residual": Tap("attention.LayerNorm", "input"), "attn_norm": Tap("attention.LayerNorm"),
            "ffn_intermediate": Tap("intermediate"), "ffn_output": Tap("output.dense"),
            "ffn_residual": Tap("output.LayerNorm", "input"), "ffn_norm": Tap("output.LayerNorm")},
-    head={"logits": Tap("classifier")})))
+    head={"logits": Tap("classifier")},
+    # The attention's residual add is inline (MPNetAttention: LayerNorm(o + hidden_states), the
+    # residual being its input); MPNetOutput takes the FFN's residual as its second argument.
+    readers=(Readers("embeddings.LayerNorm", QKV, at="base", linears_at="first",
+                     restore=Restore("attention.LayerNorm", operand="attention")),
+             Readers("attention.LayerNorm", ("intermediate.dense",), restore=Restore("output")),
+             Readers("output.LayerNorm", QKV, linears_at="next",
+                     restore=Restore("attention.LayerNorm", operand="attention"))))))

@@ -13,7 +13,7 @@ Post-LN OPT (``do_layer_norm_before=False``, e.g. opt-350m) is another layout, n
 """
 from torch import nn
 
-from .base import Adapter, Layout, Tap, register
+from .base import Adapter, Layout, Readers, Tap, register
 
 
 class OPTAdapter(Adapter):
@@ -35,4 +35,6 @@ OPT = register(OPTAdapter(Layout(
            "ffn_intermediate": Tap("fc2", "input", flat=True), "ffn_output": Tap("fc2", flat=True),
            "ffn_residual": Tap("", width_from="final_layer_norm")},
     final={"final_norm": Tap("final_layer_norm")},
-    head={"logits": Tap("")})))
+    head={"logits": Tap("")},
+    readers=(Readers("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+             Readers("final_layer_norm", ("fc1",))))))

@@ -5,7 +5,7 @@ and its output module adds the residual with no LayerNorm after it, so the resid
 *outputs* of ``attention.output`` and ``output``: quantizing them quantizes the stream itself.
 The embeddings are still normalised after their sum, and the encoder ends in ``LayerNorm``.
 """
-from .base import Adapter, Layout, Tap, register
+from .base import Adapter, Layout, Readers, Tap, register
 
 ROBERTA_PRELN = register(Adapter(Layout(
     family="roberta-prelayernorm", blocks="encoder.layer", norm="pre", causal=False, segments=True,
@@ -20,4 +20,7 @@ ROBERTA_PRELN = register(Adapter(Layout(
            "ffn_residual": Tap("output")},
     final={"final_norm": Tap("LayerNorm"), "pooler": Tap("pooler")},
     head={"logits": Tap("classifier")},
-    optional=("pooler",))))
+    optional=("pooler",),
+    # The embedding norm's output is the stream (layer 0 normalises it again): no linear reads it.
+    readers=(Readers("attention.LayerNorm", ("attention.self.query", "attention.self.key", "attention.self.value")),
+             Readers("intermediate.LayerNorm", ("intermediate.dense",))))))
