@@ -422,3 +422,178 @@ def test_report_cli_unknown_study(synthetic, capsys):
     assert rp.main(["nosuch", "--tracking-uri", synthetic["uri"], "--no-log"]) == 2
     err = capsys.readouterr().err
     assert "study 'nosuch'" in err and "paper" in err  # lists the known studies
+
+
+# --- the mitigations study: method x bits x weight granularity -------------------------------------
+
+MIT_FP32 = {1000: 90.0, 1001: 91.0}
+# (method, bits, granularity) -> accuracy per seed; min-max (w8a8) on two seeds, SmoothQuant on one.
+MIT_ACC = {("w8a8", "W8A8", "tensor"): {1000: 80.0, 1001: 82.0}, ("w8a8", "W8A8", "channel"): {1000: 85.0, 1001: 86.0},
+           ("w8a8", "W4A8", "tensor"): {1000: 40.0, 1001: 44.0}, ("w8a8", "W4A8", "channel"): {1000: 70.0, 1001: 73.0},
+           ("smoothquant", "W8A8", "tensor"): {1000: 88.0}, ("smoothquant", "W8A8", "channel"): {1000: 89.0},
+           ("smoothquant", "W4A8", "tensor"): {1000: 60.0}, ("smoothquant", "W4A8", "channel"): {1000: 71.0}}
+FP32_STATS = {"stats.attn_norm.max_abs": [4.0, 8.0], "stats.attn_norm.kurtosis": [3.0, 30.0],
+              "stats.ffn_residual.max_abs": [10.0, 100.0], "stats.ffn_residual.kurtosis": [5.0, 300.0]}
+# After SmoothQuant: at W4A8 the ffn residual sums come out flatter than at W8A8 (the numbers only need to differ).
+TRANSFORMED = {"W8A8": {"transformed.attn_norm.max_abs": [2.0, 2.0], "transformed.attn_norm.kurtosis": [3.0, 6.0],
+                        "transformed.ffn_residual.max_abs": [5.0, 20.0], "transformed.ffn_residual.kurtosis": [4.0, 30.0]},
+               "W4A8": {"transformed.attn_norm.max_abs": [2.0, 2.0], "transformed.attn_norm.kurtosis": [3.0, 6.0],
+                        "transformed.ffn_residual.max_abs": [5.0, 10.0], "transformed.ffn_residual.kurtosis": [4.0, 15.0]}}
+
+
+@pytest.fixture(scope="module")
+def mitigations_store(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mitigations_store")
+    uri = f"sqlite:///{base}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("transquant", artifact_location=str(base / "artifacts"))
+    t = [1_700_000_000_000]
+
+    def tick():
+        t[0] += 10_000
+        return t[0]
+
+    parent = client.create_run(exp, start_time=tick(), tags={"transquant.role": "sweep", "transquant.study": "mitigations",
+                                                             "mlflow.runName": "sweep: +experiment=mitigations"}).info.run_id
+    runs = {}
+    for (method, bits, gran), accs in reversed(MIT_ACC.items()):  # logged out of table order
+        wb, ab = int(bits[1]), int(bits[3])
+        for seed, acc in accs.items():
+            off = seed - 1000
+            m, pred = _with_predictions(_quantized(MIT_FP32[seed], acc, calibration_seconds=1.0 + off
+                                                   if method == "w8a8" else 3.0))
+            if (method, bits, gran) == ("smoothquant", "W8A8", "tensor"):
+                pred = None  # intervals logged, predictions not stored: nothing to pair with
+            history = {**FP32_STATS, **(TRANSFORMED[bits] if method == "smoothquant" else {})}
+            runs[(method, bits, gran, seed)] = _child(
+                client, exp, parent, seed, qparams(method, weight_bits=wb, act_bits=ab, weight_granularity=gran), m,
+                tick(), history=history, predictions=pred)
+    return {"uri": uri, "client": client, "parent": parent, "runs": runs}
+
+
+def test_mitigation_labels_leave_out_bits_and_granularity():
+    def rec(method, **kw):
+        return run_record("r", qparams(method, **kw), {"accuracy": 1.0}, {})
+
+    r = rec("w8a8", weight_bits=4, act_bits=8, weight_granularity="channel", bias_correction=True)
+    assert (r["label"], r["mitigation"], r["bits"], r["weight_granularity"]) == (
+        "W4A8 w/channel +bias-corr", "min-max +bias-corr", "W4A8", "channel")
+    assert rec("peg_paper", weight_bits=6, act_bits=6)["mitigation"] == "PEG K=6 sorted (paper)"
+    assert rec("mixed_paper", weight_bits=4)["mitigation"] == "mixed W8A{8,16} (paper)"
+    assert rec("smoothquant")["transform"] == "smoothquant" and rec("w8a8")["transform"] == "none"
+    f = rec("fp32")
+    assert f["bits"] is None and f["weight_granularity"] is None
+
+
+def test_report_mitigations_tables(mitigations_store, tmp_path):
+    out = rp.report(["mitigations"], mitigations_store["uri"], tmp_path / "mit", log=False)
+    t = pd.read_csv(out / "mitigations.csv", keep_default_na=False, na_values=[""])
+    assert list(zip(t.bits, t.method, t.weight_granularity)) == [
+        ("W8A8", "min-max", "tensor"), ("W8A8", "min-max", "channel"), ("W8A8", "SmoothQuant", "tensor"),
+        ("W8A8", "SmoothQuant", "channel"), ("W4A8", "min-max", "tensor"), ("W4A8", "min-max", "channel"),
+        ("W4A8", "SmoothQuant", "tensor"), ("W4A8", "SmoothQuant", "channel")]
+    r = t.iloc[0]  # min-max W8A8 per tensor: 80 / 82 of FP32 90 / 91
+    assert (r.seeds, r.accuracy_median, r.accuracy_min, r.accuracy_max) == (2, 81.0, 80.0, 82.0)
+    assert (r.drop_median, r.drop_min, r.drop_max, r.fp32_accuracy_median) == (9.5, 9.0, 10.0, 90.5)
+    assert math.isnan(r.accuracy_ci_low) and (r.significant_seeds, r.tested_seeds) == (2, 2)
+    assert r.calibration_seconds_median == 1.5
+    s = t.iloc[2]  # SmoothQuant W8A8 per tensor, one seed: its interval; drop 2 points = 4 examples, p = 0.125
+    assert (s.seeds, s.accuracy_median, s.drop_median) == (1, 88.0, 2.0)
+    assert (s.accuracy_ci_low, s.accuracy_ci_high) == pytest.approx(S.accuracy_ci(_correct(88.0)))
+    assert (s.significant_seeds, s.tested_seeds) == (0, 1) and s.mcnemar_p_max == pytest.approx(0.125)
+    assert s.calibration_seconds_median == 3.0
+    tex = (out / "mitigations.tex").read_text()
+    lo, hi = S.accuracy_ci(_correct(88.0))
+    assert "81.00 [80.00, 82.00]" in tex and "9.50 [9.00, 10.00]* & 2/2" in tex
+    assert f"88.00 [{lo:.2f}, {hi:.2f}]" in tex and "per channel" in tex and "\\caption{" in tex
+
+    p = pd.read_csv(out / "mitigations_pivot.csv")
+    assert list(p.columns) == ["method", "W8A8 tensor", "W8A8 channel", "W4A8 tensor", "W4A8 channel"]
+    assert list(p.method) == ["min-max", "SmoothQuant"]
+    assert p.iloc[0, 1:].tolist() == [81.0, 85.5, 42.0, 71.5] and p.iloc[1, 1:].tolist() == [88.0, 89.0, 60.0, 71.0]
+
+    b = pd.read_csv(out / "best_per_bits.csv", keep_default_na=False)
+    assert list(zip(b.bits, b.weight_granularity, b.best)) == [
+        ("W8A8", "tensor", "SmoothQuant"), ("W8A8", "channel", "SmoothQuant"), ("W4A8", "tensor", "SmoothQuant"),
+        ("W4A8", "channel", "min-max")]
+    assert list(b.best_accuracy_median) == [88.0, 89.0, 60.0, 71.5] and list(b.methods) == [2] * 4
+    # W8A8 tensor: the best stored no predictions; W8A8 channel: 4 points = 8 examples (p = 0.008);
+    # W4A8 channel: SmoothQuant is 1 point *above* min-max on the one seed they share: not below it.
+    assert list(b.untested) == ["min-max", "", "", ""]
+    assert list(b.significantly_below_best) == [0, 1, 1, 0]
+    assert list(b.not_significantly_below_best) == ["", "", "", "SmoothQuant"]
+
+    e = pd.read_csv(out / "transform_effect.csv")
+    runs = mitigations_store["runs"]
+    assert list(e.run_id) == [runs[("smoothquant", b_, g, 1000)] for b_ in ("W8A8", "W4A8") for g in ("tensor", "channel")
+                              for _ in range(2)]
+    assert list(e.kind) == ["attn_norm", "ffn_residual"] * 4 and set(e.layers) == {2} and set(e["transform"]) == {"smoothquant"}
+    ffn = e[e.kind == "ffn_residual"]
+    assert list(ffn.max_abs_before) == [100.0] * 4 and list(ffn.max_abs_after) == [20.0, 20.0, 10.0, 10.0]
+    assert list(ffn.max_abs_ratio) == pytest.approx([0.2, 0.2, 0.1, 0.1])
+    assert list(ffn.kurtosis_before) == [300.0] * 4 and list(ffn.kurtosis_ratio) == pytest.approx([0.1, 0.1, 0.05, 0.05])
+    attn = e[e.kind == "attn_norm"].iloc[0]
+    assert (attn.max_abs_before, attn.max_abs_after, attn.kurtosis_before, attn.kurtosis_after) == (8.0, 2.0, 30.0, 6.0)
+
+    assert (out / "accuracy_vs_bits_methods.png").is_file()
+    md = (out / "report.md").read_text()
+    assert "Best method per bit setting" in md and "What each transform did" in md
+    again = rp.report(["mitigations"], mitigations_store["uri"], tmp_path / "again", log=False)
+    for f in ("mitigations.csv", "mitigations.tex", "best_per_bits.csv", "transform_effect.csv",
+              "accuracy_vs_bits_methods.png", "report.md"):
+        assert (out / f).read_bytes() == (again / f).read_bytes(), f
+
+
+def test_transform_frame_reads_each_history_once(mitigations_store):
+    """Only metrics the transform runs logged are read, the FP32 ones once per checkpoint."""
+    from transquant.studies.queries import transform_frame
+
+    client = mitigations_store["client"]
+    calls = []
+
+    class Counting:
+        def get_metric_history(self, run_id, key):
+            calls.append((run_id, key))
+            return client.get_metric_history(run_id, key)
+
+    df = children_frame(client, [mitigations_store["parent"]])
+    tf = transform_frame(Counting(), df)
+    assert len(calls) == len(set(calls)) == 4 * 4 + 4  # 4 SmoothQuant runs x 4 transformed.* + 4 stats.* (one checkpoint)
+    assert set(tf["when"]) == {"before", "after"} and tf["run_id"].nunique() == 4
+
+
+def test_report_without_mitigation_runs_writes_none_of_their_tables(synthetic, tmp_path):
+    out = rp.report(["paper", "loo", "bits", "calibration"], synthetic["uri"], tmp_path / "none", log=False)
+    for name in ("mitigations", "mitigations_pivot", "best_per_bits", "transform_effect"):
+        assert not (out / f"{name}.csv").exists() and not (out / f"{name}.tex").exists(), name
+    assert not (out / "accuracy_vs_bits_methods.png").exists() and (out / "table1_accuracy.csv").is_file()
+
+
+def test_mitigations_experiment_jobs_are_distinct_cells_in_canonical_order():
+    """Every job of +experiment=mitigations is its own (bits, granularity, method) cell, with the
+    method named without its widths; the table's method order is the canonical one (a family's
+    exact paper preset first)."""
+    from omegaconf import OmegaConf
+
+    from transquant.studies.tables import method_order, table_mitigations
+
+    sweep = OmegaConf.load(Path(CONF_DIR) / "experiment" / "mitigations.yaml").hydra.sweeper.params
+    methods, bits = sweep["+method"].split(","), sweep["+bits"].split(",")
+    grans = sweep["quant.weight_granularity"].split(",")
+    records = []
+    with initialize_config_dir(config_dir=CONF_DIR):
+        for m in methods:
+            for b in bits:
+                for g in grans:
+                    cfg = compose(config_name="config", overrides=[f"+method={m}", f"+bits={b}",
+                                                                   f"quant.weight_granularity={g}"])
+                    records.append(run_record(f"{m}-{b}-{g}", {**flatten(cfg), "train.seed": "1000"},
+                                              {"accuracy": 50.0}, {}))
+    df = records_frame(records)
+    t = table_mitigations(df)
+    assert len(t) == len(methods) * len(bits) * len(grans) == 80
+    assert list(dict.fromkeys(t["bits"])) == ["W8A8", "W8A6", "W6A6", "W4A8"]
+    assert method_order(df) == ["min-max", "min-max +bias-corr", "mixed W8A{8,16} (paper)",
+                                "PEG K=6 sorted (paper)", "PEG K=2 gap", "MSE", "dynamic", "SmoothQuant", "OS", "OS+"]
+    assert list(t["method"][:20]) == [m for m in method_order(df) for _ in grans]
+    assert set(df.loc[df["transform"] != "none", "mitigation"]) == {"SmoothQuant", "OS", "OS+"}

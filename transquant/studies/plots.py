@@ -1,5 +1,6 @@
-"""The report's figures (PNG, no timestamps): accuracy vs K, percentile, bits and calibration size,
-the Pareto front of a search, FP32 statistics by depth."""
+"""The report's figures (PNG, no timestamps): accuracy vs K, percentile, bits (per method family;
+per mitigation, weights per tensor and per channel) and calibration size, the Pareto front of a
+search, FP32 statistics by depth."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import pandas as pd
 
 from .labels import GROUPING_ORDER
 from .pareto import best_mask
-from .tables import DEPTH_METRICS
+from .tables import DEPTH_METRICS, bits_key, granularity_key, mitigation_runs
 
 
 def write_figures(tables: dict[str, pd.DataFrame], out: Path, objectives: list[str], directions: list[str],
@@ -91,6 +92,50 @@ def write_figures(tables: dict[str, pd.DataFrame], out: Path, objectives: list[s
         fp32 = t["fp32_accuracy"].median()
         finish(fig, ax, "accuracy_vs_calibration.png", "calibration sequences",
                lines={} if math.isnan(fp32) else {"FP32": fp32})
+    if "mitigations" in tables:
+        t = tables["mitigations"]
+        grans = sorted(set(t["weight_granularity"]), key=granularity_key)
+        bits = sorted(set(t["bits"]), key=bits_key)
+        methods = list(tables["mitigations_pivot"]["method"]) if "mitigations_pivot" in tables else list(
+            dict.fromkeys(t["method"]))
+        fig = Figure(figsize=(5 * len(grans), 4.2))
+        axes = np.atleast_1d(fig.subplots(1, len(grans), sharey=True))
+        runs = mitigation_runs(df)  # FP32: median over seeds (one checkpoint per seed)
+        fp32 = (runs.groupby(runs["seed"].map(str))["fp32_accuracy"].mean().median()
+                if "fp32_accuracy" in runs and runs["fp32_accuracy"].notna().any() else math.nan)
+        for ax, g in zip(axes, grans):
+            for i, m in enumerate(methods):
+                s = t[(t["weight_granularity"] == g) & (t["method"] == m)]
+                if s.empty:
+                    continue
+                s = s.iloc[sorted(range(len(s)), key=lambda j: bits_key(s["bits"].iloc[j]))]
+                y = s["accuracy_median"].to_numpy(float)
+                one = (s["seeds"] == 1).to_numpy() & s["accuracy_ci_low"].notna().to_numpy()
+                lo = np.where(one, s["accuracy_ci_low"].to_numpy(float), s["accuracy_min"].to_numpy(float))
+                hi = np.where(one, s["accuracy_ci_high"].to_numpy(float), s["accuracy_max"].to_numpy(float))
+                ax.errorbar([bits.index(b) for b in s["bits"]], y, yerr=np.vstack([y - lo, hi - y]), marker="o",
+                            capsize=3, color=f"C{i % 10}", linestyle="-" if i < 10 else "--", label=m)
+            if not math.isnan(fp32):
+                ax.axhline(fp32, color="gray", linestyle="--", linewidth=1, label=f"FP32 {fp32:.2f}")
+            ax.set_xticks(range(len(bits)), bits)
+            ax.set_xlim(-0.3, len(bits) - 0.7)
+            ax.set_title(f"weights per {g}")
+            ax.set_xlabel("bit setting")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0].get_legend_handles_labels()
+        for ax in axes[1:]:  # every method once, whichever panel has it
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        axes[-1].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.suptitle("Accuracy vs bit setting per method (bars: 95 % interval of one seed, else min-max over seeds)",
+                     fontsize=9)
+        fig.tight_layout()
+        f = out / "accuracy_vs_bits_methods.png"
+        fig.savefig(f, dpi=120, metadata={"Software": None}, bbox_inches="tight")
+        files.append(f)
     if len(objectives) > 1 and all(o in df for o in objectives[:2]) and not df.empty:
         x_o, y_o = objectives[1], objectives[0]
         d = df[df[x_o].notna() & df[y_o].notna()]

@@ -1,14 +1,26 @@
 """MLflow reads of a study: its parent run(s) by study name or run id, their job runs as the study
-table, and the per-layer FP32 statistics of Table III."""
+table, the per-layer FP32 statistics of Table III, the statistics before and after each transform
+(``transform_effect``) and the paired comparisons of each bit setting's best method (``best_per_bits``)."""
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 
 from .labels import parse_param
 from .runs import records_frame, run_record
-from .tables import DEPTH_METRICS
+from .significance import PREDICTIONS, load_predictions, paired
+from .tables import (
+    DEPTH_METRICS,
+    TRANSFORM_KINDS,
+    TRANSFORM_STATS,
+    best_of_cells,
+    latest_mitigation_runs,
+    mitigation_runs,
+    table_mitigations,
+)
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -113,12 +125,86 @@ def depth_frame(client, df: pd.DataFrame) -> pd.DataFrame:
     for c in sorted(picked):
         run_id, seed = picked[c]
         for metric in DEPTH_METRICS:
-            last = {}
-            for m in client.get_metric_history(run_id, metric):
-                if m.step not in last or m.timestamp >= last[m.step][0]:
-                    last[m.step] = (m.timestamp, m.value)
-            for step in sorted(last):
-                rows.append({"seed": seed, "run_id": run_id, "layer": step, "stat": metric, "value": last[step][1]})
+            for step, value in history(client, run_id, metric).items():
+                rows.append({"seed": seed, "run_id": run_id, "layer": step, "stat": metric, "value": value})
+    return pd.DataFrame(rows)
+
+
+def history(client, run_id: str, metric: str) -> dict[int, float]:
+    """{step: value} of a step metric, the latest value of each step, steps in order (one MLflow call)."""
+    last = {}
+    for m in client.get_metric_history(run_id, metric):
+        if m.step not in last or m.timestamp >= last[m.step][0]:
+            last[m.step] = (m.timestamp, m.value)
+    return {step: last[step][1] for step in sorted(last)}
+
+
+def transform_frame(client, df: pd.DataFrame) -> pd.DataFrame:
+    """Per transform run (``quant.transform`` != none): ``max_abs`` and ``kurtosis`` per layer of
+    each kind of :data:`~transquant.studies.tables.TRANSFORM_KINDS`, ``before`` (``stats.*``, the
+    FP32 model) and ``after`` (``transformed.*``, the transformed FP32 model). Only metrics the run
+    logged are read (one ``get_metric_history`` each), and the FP32 ones once per checkpoint: at
+    most 10 calls per transform run plus 10 per checkpoint."""
+    if df.empty or "transform" not in df:
+        return pd.DataFrame()
+    runs = df[df["transform"].notna() & (df["transform"] != "none")]
+    before: dict[str, list[dict]] = {}
+    rows = []
+    for _, r in runs.iterrows():
+        ckpt = r.get("checkpoint") or f"run {r['run_id']}"
+        for prefix, when in (("stats", "before"), ("transformed", "after")):
+            if when == "before" and ckpt in before:
+                got = before[ckpt]
+            else:
+                got = [{"kind": kind, "stat": stat, "when": when, "layer": step, "value": value}
+                       for kind in TRANSFORM_KINDS for stat in TRANSFORM_STATS
+                       if f"{prefix}.{kind}.{stat}" in df and pd.notna(r[f"{prefix}.{kind}.{stat}"])
+                       for step, value in history(client, r["run_id"], f"{prefix}.{kind}.{stat}").items()]
+                if when == "before" and got:
+                    before[ckpt] = got
+            rows += [{"run_id": r["run_id"], **x} for x in got]
+    return pd.DataFrame(rows, columns=["run_id", "kind", "stat", "when", "layer", "value"])
+
+
+def mitigation_pairs(client, df: pd.DataFrame) -> pd.DataFrame:
+    """Per bit setting x granularity of the ``mitigations`` table: each method against the best one,
+    per seed both have, on the same validation examples from the runs' stored predictions: the best
+    minus the method (points) and the exact McNemar p. Each run's predictions are downloaded once;
+    a run without them gives no row (its method is reported untested)."""
+    t = table_mitigations(df)
+    if t.empty:
+        return pd.DataFrame()
+    runs = latest_mitigation_runs(mitigation_runs(df))
+    best = best_of_cells(t)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="transquant-report-") as tmp:
+        cache: dict[str, tuple | None] = {}
+
+        def correct(run_id: str):
+            if run_id not in cache:
+                dst = Path(tmp) / run_id
+                dst.mkdir()
+                try:
+                    pred, label = load_predictions(client.download_artifacts(run_id, PREDICTIONS, str(dst)))
+                    cache[run_id] = (pred == label, label)
+                except Exception:  # noqa: BLE001 - no stored predictions (MLflow's error type depends on the store)
+                    cache[run_id] = None
+            return cache[run_id]
+
+        for (bits, gran), top in best.items():
+            cell = runs[(runs["bits"] == bits) & (runs["weight_granularity"] == gran)]
+            top_runs = dict(zip(cell.loc[cell["mitigation"] == top, "seed"].map(str),
+                                cell.loc[cell["mitigation"] == top, "run_id"]))
+            for _, r in cell[cell["mitigation"] != top].iterrows():
+                seed = str(r["seed"])
+                a = correct(top_runs[seed]) if seed in top_runs else None
+                b = correct(r["run_id"]) if a is not None else None
+                if a is None or b is None or len(a[1]) != len(b[1]) or not (a[1] == b[1]).all():
+                    continue  # not on the same validation examples: no paired comparison
+                d = paired(a[0], b[0])
+                rows.append({"bits": bits, "weight_granularity": gran, "best": top, "method": r["mitigation"],
+                             "seed": seed, "difference": d.difference, "mcnemar_p": d.p,
+                             "run_best": top_runs[seed], "run": r["run_id"]})
     return pd.DataFrame(rows)
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from .labels import GROUPING_ORDER
 from .significance import N_BOOT, RULE
-from .tables import PROFILE_METRICS
+from .tables import PROFILE_METRICS, WITHIN_BEST
 
 PROFILE_HEADERS = {"latency_p50_ms": "p50 (ms)", "latency_p95_ms": "p95 (ms)", "peak_memory_mb": "Peak memory (MB)",
                    "model_size_mb": "Size (MB)", "speedup_vs_torch_fp32": "Speed-up vs PyTorch FP32",
@@ -94,6 +94,24 @@ def latex_calibration(t: pd.DataFrame) -> pd.DataFrame:
         columns={"method": "Method", "seed": "Seed"})
 
 
+def latex_mitigations(t: pd.DataFrame) -> pd.DataFrame:
+    """``mitigations``: accuracy median [min, max] over seeds (one seed: the run's 95 % interval),
+    drop vs FP32 (* = significant on every seed), significant seeds / tested, calibration seconds."""
+    def acc(r) -> str:
+        if r.seeds == 1 and not math.isnan(r.accuracy_ci_low):
+            return _interval(r.accuracy_median, r.accuracy_ci_low, r.accuracy_ci_high)
+        return spread(r.accuracy_median, r.accuracy_min, r.accuracy_max, r.seeds)
+
+    return pd.DataFrame({
+        "Bits": t["bits"], "Weights": t["weight_granularity"].map(lambda g: f"per {g}"), "Method": t["method"],
+        "Seeds": t["seeds"], "Accuracy (\\%)": [acc(r) for r in t.itertuples()],
+        "$\\Delta$ vs FP32": [_star(spread(r.drop_median, r.drop_min, r.drop_max, r.seeds),
+                                     r.tested_seeds > 0 and r.significant_seeds == r.tested_seeds) for r in t.itertuples()],
+        "Significant seeds": [f"{r.significant_seeds}/{r.tested_seeds}" if r.tested_seeds else "" for r in t.itertuples()],
+        "Calibration (s)": t["calibration_seconds_median"].map(_fmt),
+    })
+
+
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
           "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
           ">": r"\textgreater{}"}
@@ -113,6 +131,8 @@ def latex_view(name: str, t: pd.DataFrame) -> pd.DataFrame:
         return latex_deployment(t)
     if name == "calibration":
         return latex_calibration(t)
+    if name == "mitigations":
+        return latex_mitigations(t)
     if name == "ablation_peg":
         t = t.assign(cell=[spread(r.accuracy_median, r.accuracy_min, r.accuracy_max, r.seeds) for r in t.itertuples()])
         p = t.pivot(index="k", columns="grouping", values="cell")
@@ -140,7 +160,8 @@ def latex_view(name: str, t: pd.DataFrame) -> pd.DataFrame:
 
 def to_latex(name: str, t: pd.DataFrame) -> str:
     v = latex_view(name, t).astype(str)
-    header_escaped = name in ("table1_accuracy", "table1_seeds", "ablation_percentile", "ablation_loo")  # by hand
+    header_escaped = name in ("table1_accuracy", "table1_seeds", "ablation_percentile", "ablation_loo",
+                              "mitigations")  # by hand
     if not header_escaped:
         v = v.rename(columns=lambda c: c if "\\" in c else _latex_escape(c))
     v = v.map(_latex_escape)
@@ -182,6 +203,10 @@ TITLES = {"table1_accuracy": "Table I — accuracy and drop vs FP32 (median [min
           "ablation_loo": "Leave-one-out (W8A8 with one site kind left float)",
           "ablation_bits": "Activation bit width",
           "calibration": "Calibration set size (accuracy [95 % interval] / drop vs FP32)",
+          "mitigations": "Mitigations — method x bits x weight granularity",
+          "mitigations_pivot": "Mitigations at a glance — median accuracy (%)",
+          "best_per_bits": "Best method per bit setting and weight granularity",
+          "transform_effect": "What each transform did to the outliers (FP32 model before / after)",
           "search_trials": "Search trials", "timing": "Wall-time split"}
 
 
@@ -191,6 +216,15 @@ CAPTIONS = {
                        f"by the rule {RULE}; McNemar p: the largest over seeds. Per-seed intervals: table1_seeds.",
     "table1_seeds": f"Brackets: 95 % percentile-bootstrap intervals ({N_BOOT:,} resamples of the validation examples); "
                     f"the drop is paired with FP32 on the same examples. * = significant, by the rule {RULE}.",
+    "mitigations": f"Brackets: [min, max] over seeds; with one seed, the run's 95 % percentile-bootstrap interval "
+                   f"over the validation examples. * = the drop vs FP32 is significant on every seed, by the rule "
+                   f"{RULE}. Calibration: median seconds of the activation calibration (the transform's own time is "
+                   f"not logged).",
+    "mitigations_pivot": "Cells: median accuracy (%) over seeds. Columns: bit setting and weight granularity.",
+    "best_per_bits": f"Best: highest median accuracy. {WITHIN_BEST}: methods the best does not beat on every seed "
+                     f"by the rule {RULE}; untested: no stored predictions to pair.",
+    "transform_effect": "Largest over layers of max |x| and kurtosis, FP32 model (before) and the transformed FP32 "
+                        "model (after); ratio = after / before.",
     "calibration": f"Columns: calibration sequences (num_batches x batch_size). Cells: accuracy (%) [95 % "
                    f"percentile-bootstrap interval over the validation examples] / drop vs FP32 (points); "
                    f"* = significant, by the rule {RULE}.",
@@ -209,7 +243,7 @@ def write_markdown(tables, parents, studies, out: Path, df: pd.DataFrame) -> Pat
     for name, title in TITLES.items():
         if name in tables:
             latex_like = ("table1_accuracy", "table1_seeds", "table2_deployment", "ablation_peg", "ablation_bits",
-                          "calibration")
+                          "calibration", "mitigations")
             view = latex_view(name, tables[name]) if name in latex_like else tables[name]
             view = view.rename(columns=lambda c: c.replace("\\%", "%").replace("$\\Delta$", "Δ").replace("$p$", "p"))
             caption = [CAPTIONS[name], ""] if name in CAPTIONS else []

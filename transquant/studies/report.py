@@ -24,13 +24,21 @@ ablation_percentile         percentile p
 ablation_loo                leave-one-out: which site left float recovers how much
 ablation_bits               activation bit width per method family
 calibration                 accuracy and drop vs FP32 by number of calibration sequences (runs of several sizes)
+mitigations                 per bit setting x method x weight granularity (studies that vary weight widths or
+                            granularity, +experiment=mitigations): accuracy median [min, max] (one seed: its 95 %
+                            interval), drop vs FP32, seeds with a significant drop, median calibration seconds
+mitigations_pivot           median accuracy: methods x (bit setting, weight granularity)
+best_per_bits               per bit setting x granularity: the best method and those not significantly below it
+                            (paired McNemar on the stored predictions, every seed)
+transform_effect            per transform run (SmoothQuant, OS, OS+) and site kind: max over layers of max_abs and
+                            kurtosis before (stats.*) and after (transformed.*) the transform, and their ratio
 search_trials               Optuna trials in order, best / Pareto flags
 timing                      wall-time split from the *_seconds metrics
 runs                        every child run: id, seed, method, metrics
 ==========================  ===================================================================
 
 each as ``.csv`` and booktabs ``.tex``, figures ``accuracy_vs_k.png``, ``accuracy_vs_percentile.png``,
-``accuracy_vs_bits.png``, ``accuracy_vs_calibration.png``, ``pareto.png``, ``depth_stats.png``, and
+``accuracy_vs_bits.png``, ``accuracy_vs_bits_methods.png``, ``accuracy_vs_calibration.png``, ``pareto.png``, ``depth_stats.png``, and
 ``report.md``. Tables without data are not written. Files hold no timestamps and rows are in a canonical order, so the same
 study gives the same bytes.
 
@@ -48,7 +56,15 @@ from .compare import compare
 from .pareto import best_mask
 from .plots import write_figures
 from .publish import log_metrics, log_report, mark_best
-from .queries import RUN_ID, ReportError, children_frame, depth_frame, resolve_all
+from .queries import (
+    RUN_ID,
+    ReportError,
+    children_frame,
+    depth_frame,
+    mitigation_pairs,
+    resolve_all,
+    transform_frame,
+)
 from .render import compare_markdown, write_markdown, write_tables
 from .seeds import study_metrics
 from .tables import build_tables
@@ -82,7 +98,8 @@ def report(studies: list[str], tracking_uri: str = DEFAULT_URI, out: str | Path 
     if mixed:  # methods are identified by quant.* only: different models would be pooled as "seeds"
         print(f"transquant.report: warning: the runs span several {' and '.join(c + 's' for c in mixed)}; "
               "their tables pool them per method — report one model/task at a time", file=sys.stderr)
-    tables = build_tables(df, depth_frame(client, df), objectives)
+    tables = build_tables(df, depth_frame(client, df), objectives, transform=transform_frame(client, df),
+                          pairs=mitigation_pairs(client, df))
     name = "-".join(s[:8] if RUN_ID.fullmatch(s) else s for s in studies)
     out = Path(out) if out else Path("reports") / name
     out.mkdir(parents=True, exist_ok=True)

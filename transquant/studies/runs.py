@@ -8,6 +8,7 @@ from typing import Iterable
 import pandas as pd
 
 from .labels import (
+    NAIVE,
     effective_grouping,
     family_of,
     join_patterns,
@@ -27,12 +28,37 @@ def calibration_sequences(params: dict[str, str], q: dict) -> int | None:
     return nb * bs if isinstance(nb, int) and isinstance(bs, int) and act_bits is not None else None
 
 
+# The naive family's name in tables whose rows do not carry the bit widths (``mitigations``).
+NAIVE_NAME = "min-max"
+
+
+def _at_defaults(q: dict) -> dict:
+    """``q`` with the widths and the weight granularity of its method's preset."""
+    d = method_defaults(q.get("method", "?"))
+    return {**q, "weight_bits": d.get("weight_bits"), "act_bits": d.get("act_bits"),
+            "weight_granularity": d.get("weight_granularity")}
+
+
+def mitigation_label(q: dict) -> str:
+    """The method without its bit widths and weight granularity (the ``mitigations`` table's rows,
+    whose bits and granularity are columns): ``SmoothQuant``, ``PEG K=6 sorted (paper)``, and for
+    the naive family ``min-max`` (``min-max +bias-corr``) instead of its preset's widths."""
+    d = method_defaults(q.get("method", "?"))
+    label = method_label(_at_defaults(q))
+    if family_of(q.get("method", "?")) in NAIVE and d.get("weight_bits") is not None and d.get("act_bits") is not None:
+        prefix = f"W{d['weight_bits']}A{d['act_bits']}"
+        label = NAIVE_NAME + label.removeprefix(prefix) if label.startswith(prefix) else label
+    return label
+
+
 def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str],
                status: str = "FINISHED", start_time: int | None = None, end_time: int | None = None) -> dict:
     """One row of the study table: identification columns plus every metric."""
     q = quant_params(params)
     seed = parse_param(params.get("train.seed"))
     label = method_label(q)
+    d = method_defaults(q.get("method", "?"))
+    wb, ab = q.get("weight_bits", d.get("weight_bits")), q.get("act_bits", d.get("act_bits"))
     rec = {
         "run_id": run_id,
         "status": status,
@@ -52,6 +78,11 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
         "percentile": q.get("percentile") if q.get("estimator") == "percentile" else None,
         "weight_bits": q.get("weight_bits"),
         "act_bits": q.get("act_bits"),
+        "bits": f"W{wb}A{ab}" if wb is not None and ab is not None else None,
+        "weight_granularity": q.get("weight_granularity", d.get("weight_granularity")) if wb is not None else None,
+        "transform": q.get("transform", d.get("transform")) or "none",
+        "bias_correction": bool(q.get("bias_correction", d.get("bias_correction"))),
+        "mitigation": mitigation_label(q),
         "act_exclude": join_patterns(q.get("act_exclude") or []),
         "peg_sites": join_patterns(q.get("peg_sites") or []),
         "high_bits_sites": join_patterns(q.get("high_bits_sites") or []),
@@ -65,6 +96,7 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
         "wall_seconds": (end_time - start_time) / 1000.0 if start_time and end_time else None,
         "start_time": start_time,
         "_sort": method_sort_key(q),
+        "_mitigation_sort": method_sort_key(_at_defaults(q)),
     }
     rec.update(metrics)
     if "fp32_accuracy" not in metrics and "accuracy" in metrics and "accuracy_drop" in metrics:
@@ -76,7 +108,7 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
     """Records in canonical order (method, calibration size, seed, start time) with a stable index.
 
     When the runs were calibrated on different numbers of sequences, ``label``, ``family`` and
-    ``base`` end in `` cal=<sequences>``, so no table pools two calibration sizes as seeds of one
+    ``base`` (and ``mitigation``) end in `` cal=<sequences>``, so no table pools two calibration sizes as seeds of one
     method; ``quant_label`` keeps the label from the ``quant.*`` params alone."""
     df = pd.DataFrame(list(records))
     if df.empty:
@@ -84,7 +116,7 @@ def records_frame(records: Iterable[dict]) -> pd.DataFrame:
     cal = df["calibration_sequences"]
     if cal.nunique() > 1:
         suffix = cal.map(lambda n: "" if pd.isna(n) else f" cal={int(n)}")
-        for col in ("label", "family", "base"):
+        for col in ("label", "family", "base", "mitigation"):
             df[col] = df[col] + suffix
     df["_seed_key"] = df["seed"].map(lambda s: (0, s) if isinstance(s, (int, float)) else (1, str(s)))
     df = df.sort_values(by=["_sort", "calibration_sequences", "_seed_key", "start_time", "run_id"],

@@ -1,14 +1,17 @@
 """The report's tables, pure functions of the study table (:mod:`.runs`): accuracy and drop vs
 FP32 per method and per seed, deployment profile, depth statistics, ablations, calibration sizes,
-search trials and the wall-time split."""
+search trials, the mitigations study (method x bits x weight granularity, the best per setting,
+what a transform did to the outliers) and the wall-time split."""
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
-from .labels import GROUPING_ORDER, site_preset, site_sort_key
-from .seeds import aggregate, paired_deltas
+from .labels import GROUPING_ORDER, family_of, site_preset, site_sort_key
+from .runs import _sortable
+from .seeds import aggregate, paired_deltas, seed_summary
 from .significance import ALPHA
 
 # Each speed-up is named after its baseline, all timed in the same run (transquant.deploy.profiling).
@@ -19,6 +22,16 @@ PROFILE_TAGS = ("engine_precision", "fp32_attention")
 DEPTH_METRICS = ("kurtosis", "top1pct_channel_energy", "max_abs", "variance")
 # Cached FP32 statistics: every job logs what computing them cost, but only a cache miss spent it.
 PER_CHECKPOINT_SECONDS = ("stats_seconds", "stats_fp32_pass_seconds")
+# The mitigations study (conf/experiment/mitigations.yaml): +bits settings and weight granularities in table order.
+BITS_ORDER = ("W8A8", "W8A6", "W6A6", "W4A8")
+GRANULARITY_ORDER = ("tensor", "channel")
+MITIGATION_CELL = ["bits", "weight_granularity", "mitigation"]
+# Method families that only the mitigations studies run.
+BEYOND_PAPER = ("mse", "dynamic", "smoothquant", "outlier_suppression", "os_plus")
+# transform_effect: the site kinds a transform rewrites or feeds, and the statistics compared.
+TRANSFORM_KINDS = ("embedding_norm", "attn_norm", "ffn_norm", "attn_residual", "ffn_residual")
+TRANSFORM_STATS = ("max_abs", "kurtosis")
+WITHIN_BEST = "not_significantly_below_best"
 
 
 def _seed_map(df: pd.DataFrame, value: str) -> dict:
@@ -221,15 +234,178 @@ def table_timing(df: pd.DataFrame) -> pd.DataFrame:
     return t
 
 
+def bits_key(bits) -> tuple:
+    """W8A8, W8A6, W6A6, W4A8, then other settings by weight then activation bits, descending."""
+    if bits in BITS_ORDER:
+        return (0, BITS_ORDER.index(bits), 0, 0)
+    m = re.fullmatch(r"W(\d+)A(\d+)", str(bits))
+    return (1, 0, -int(m.group(1)), -int(m.group(2))) if m else (2, 0, 0, 0)
+
+
+def granularity_key(g) -> int:
+    return GRANULARITY_ORDER.index(g) if g in GRANULARITY_ORDER else len(GRANULARITY_ORDER)
+
+
+def mitigation_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs of the ``mitigations`` tables: weights and activations quantized, with an accuracy,
+    in a study that varies the weight granularity or the weight width (what ``+bits`` and
+    ``quant.weight_granularity`` sweep) or runs a method beyond the paper's (a transform, MSE or
+    dynamic ranges, bias correction), ordered by bit setting, method
+    (canonical order), weight granularity, then seed and start time. Empty for any other study."""
+    need = ("bits", "weight_granularity", "mitigation", "_mitigation_sort", "accuracy", "weight_bits", "method",
+            "bias_correction")
+    if df.empty or any(c not in df for c in need):
+        return df.iloc[0:0]
+    d = df[df["bits"].notna() & df["accuracy"].notna()]
+    beyond = d["method"].map(family_of).isin(BEYOND_PAPER) | (d["bias_correction"] == True)  # noqa: E712
+    if d.empty or (d["weight_granularity"].nunique() < 2 and d["weight_bits"].nunique() < 2 and not beyond.any()):
+        return df.iloc[0:0]
+    keys = {i: (bits_key(b), _sortable(m), granularity_key(g)) for i, b, m, g in
+            zip(d.index, d["bits"], d["_mitigation_sort"], d["weight_granularity"])}
+    return d.loc[sorted(d.index, key=lambda i: (keys[i], i))]  # the index keeps (seed, start time) order
+
+
+def method_order(df: pd.DataFrame) -> list[str]:
+    """The mitigation labels of :func:`mitigation_runs` in canonical method order."""
+    d = mitigation_runs(df)
+    ranked = sorted(zip(d["_mitigation_sort"].map(_sortable), d["mitigation"]), key=lambda x: x[0])
+    return list(dict.fromkeys(m for _, m in ranked))
+
+
+def latest_mitigation_runs(d: pd.DataFrame) -> pd.DataFrame:
+    """One run per (bit setting, granularity, method, seed): the latest (rows in start-time order)."""
+    keyed = d.assign(_seed=d["seed"].map(str))
+    return keyed.drop_duplicates([*MITIGATION_CELL, "_seed"], keep="last").drop(columns="_seed")
+
+
+def _per_seed(grp: pd.DataFrame, value: str):
+    if value not in grp:
+        return seed_summary([])
+    return seed_summary(grp.groupby(grp["seed"].map(str), sort=True)[value].mean().dropna().to_list())
+
+
+def table_mitigations(df: pd.DataFrame) -> pd.DataFrame:
+    """Per bit setting x method x weight granularity: accuracy median [min, max] over seeds (and
+    the run's 95 % interval when there is one seed), FP32, drop vs FP32 (paired per seed), on how
+    many seeds the drop is significant (McNemar p < 0.05) and the median calibration seconds."""
+    d = mitigation_runs(df)
+    if d.empty:
+        return pd.DataFrame()
+    rows = []
+    for (bits, gran, method), grp in d.groupby(MITIGATION_CELL, sort=False):  # table order
+        acc, drop, fp32 = _per_seed(grp, "accuracy"), _per_seed(grp, "accuracy_drop"), _per_seed(grp, "fp32_accuracy")
+        latest = latest_mitigation_runs(grp)
+        one = acc.n == 1 and "accuracy_ci_low" in latest
+        p = latest["mcnemar_p"].dropna() if "mcnemar_p" in latest else pd.Series(dtype=float)
+        cal = grp["calibration_seconds"].dropna() if "calibration_seconds" in grp else pd.Series(dtype=float)
+        rows.append({"bits": bits, "weight_granularity": gran, "method": method, "seeds": acc.n,
+                     "accuracy_median": acc.median, "accuracy_min": acc.min, "accuracy_max": acc.max,
+                     "accuracy_ci_low": latest["accuracy_ci_low"].iloc[-1] if one else math.nan,
+                     "accuracy_ci_high": latest["accuracy_ci_high"].iloc[-1] if one else math.nan,
+                     "fp32_accuracy_median": fp32.median, "drop_median": drop.median, "drop_min": drop.min,
+                     "drop_max": drop.max, "significant_seeds": int((p < ALPHA).sum()), "tested_seeds": len(p),
+                     "mcnemar_p_max": p.max() if len(p) else math.nan,
+                     "calibration_seconds_median": cal.median() if len(cal) else math.nan})
+    return pd.DataFrame(rows)
+
+
+def mitigations_pivot(t: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """Median accuracy: rows methods (canonical order), columns ``<bits> <granularity>``."""
+    if t.empty:
+        return pd.DataFrame()
+    cells = sorted(set(zip(t["bits"], t["weight_granularity"])), key=lambda c: (bits_key(c[0]), granularity_key(c[1])))
+    cols = [f"{b} {g}" for b, g in cells]
+    p = t.assign(_col=[f"{b} {g}" for b, g in zip(t["bits"], t["weight_granularity"])]).pivot(
+        index="method", columns="_col", values="accuracy_median")
+    p = p.reindex(index=[m for m in methods if m in p.index], columns=cols)
+    p.columns.name = None
+    return p.reset_index()
+
+
+def best_of_cells(t: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """Per (bit setting, granularity): the method of the highest median accuracy (ties: canonical order)."""
+    out = {}
+    for cell, g in t.groupby(["bits", "weight_granularity"], sort=False):
+        out[cell] = g.loc[g["accuracy_median"].idxmax(), "method"]  # idxmax: the first of equal maxima
+    return out
+
+
+def best_per_bits(t: pd.DataFrame, pairs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per bit setting x granularity: the best method and every method not significantly below it.
+
+    ``pairs`` (:func:`transquant.studies.queries.mitigation_pairs`): per cell, method and seed, the
+    best minus the method on the same validation examples (points) and the exact McNemar p, from the
+    runs' stored predictions. A method is significantly below the best when, on every seed both
+    have, the best is ahead with p < 0.05; a method without stored predictions is ``untested``."""
+    if t.empty:
+        return pd.DataFrame()
+    pairs = pairs if pairs is not None and not pairs.empty else pd.DataFrame(
+        columns=["bits", "weight_granularity", "best", "method", "seed", "difference", "mcnemar_p"])
+    best = best_of_cells(t)
+    rows = []
+    for (bits, gran) in sorted(best, key=lambda c: (bits_key(c[0]), granularity_key(c[1]))):
+        g = t[(t["bits"] == bits) & (t["weight_granularity"] == gran)]
+        top = g[g["method"] == best[(bits, gran)]].iloc[0]
+        tied, below, untested = [], [], []
+        for m in g["method"]:
+            if m == top["method"]:
+                continue
+            pm = pairs[(pairs["bits"] == bits) & (pairs["weight_granularity"] == gran) & (pairs["best"] == top["method"])
+                       & (pairs["method"] == m)]
+            if pm.empty:
+                untested.append(m)
+            elif ((pm["difference"] > 0) & (pm["mcnemar_p"] < ALPHA)).all():
+                below.append(m)
+            else:
+                tied.append(m)
+        rows.append({"bits": bits, "weight_granularity": gran, "best": top["method"],
+                     "best_accuracy_median": top["accuracy_median"], "best_seeds": int(top["seeds"]),
+                     "methods": len(g), WITHIN_BEST: "; ".join(tied), "significantly_below_best": len(below),
+                     "untested": "; ".join(untested)})
+    return pd.DataFrame(rows)
+
+
+def table_transform_effect(df: pd.DataFrame, transform: pd.DataFrame | None) -> pd.DataFrame:
+    """Per transform run (``quant.transform`` != none) and site kind: the largest over layers of
+    ``max_abs`` and ``kurtosis`` of the FP32 model (``stats.*``) and of the transformed FP32 model
+    (``transformed.*``), and after / before. ``transform``: :func:`transquant.studies.queries.transform_frame`."""
+    if transform is None or transform.empty or df.empty:
+        return pd.DataFrame()
+    runs = df.set_index("run_id")
+    top = transform.groupby(["run_id", "kind", "when", "stat"], sort=False)["value"].max()
+    layers = transform.groupby(["run_id", "kind"], sort=False)["layer"].nunique()
+    order = sorted(dict.fromkeys(transform["run_id"]),
+                   key=lambda r: (bits_key(runs.at[r, "bits"]), _sortable(runs.at[r, "_mitigation_sort"]),
+                                  granularity_key(runs.at[r, "weight_granularity"]), _sortable(runs.at[r, "seed"]),
+                                  _sortable(runs.at[r, "start_time"]), r))
+    rows = []
+    for r in order:
+        for kind in TRANSFORM_KINDS:
+            if (r, kind) not in layers.index:
+                continue
+            row = {"bits": runs.at[r, "bits"], "weight_granularity": runs.at[r, "weight_granularity"],
+                   "method": runs.at[r, "mitigation"], "transform": runs.at[r, "transform"], "seed": runs.at[r, "seed"],
+                   "kind": kind, "layers": int(layers[(r, kind)])}
+            for stat in TRANSFORM_STATS:
+                before = top.get((r, kind, "before", stat), math.nan)
+                after = top.get((r, kind, "after", stat), math.nan)
+                row[f"{stat}_before"], row[f"{stat}_after"] = before, after
+                row[f"{stat}_ratio"] = after / before if before and not math.isnan(before) else math.nan
+            rows.append({**row, "run_id": r})
+    return pd.DataFrame(rows)
+
+
 RUN_COLUMNS = ["run_id", "status", "seed", "method", "label", "k", "grouping", "percentile", "weight_bits", "act_bits",
-               "act_exclude", "calibration_sequences", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+               "weight_granularity", "transform", "act_exclude", "calibration_sequences", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
                "fp32_accuracy", "accuracy_drop", "drop_ci_low", "drop_ci_high", "mcnemar_p", *PROFILE_METRICS, *PROFILE_TAGS, "high_precision_sites",
                "calibration_seconds", "eval_seconds", "finetune_seconds", "finetune_cache", "reused", "best", "pareto"]
 
 
-def build_tables(df: pd.DataFrame, depth: pd.DataFrame | None = None, objectives: list[str] | None = None
-                 ) -> dict[str, pd.DataFrame]:
-    """Every table of the report from the run table (and the depth statistics)."""
+def build_tables(df: pd.DataFrame, depth: pd.DataFrame | None = None, objectives: list[str] | None = None,
+                 transform: pd.DataFrame | None = None, pairs: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """Every table of the report from the run table (and the depth statistics, the statistics of
+    the transform runs and the paired comparisons with each setting's best method)."""
+    mitigations = table_mitigations(df)
     tables = {
         "table1_accuracy": table_accuracy(df),
         "table1_seeds": table_seeds(df),
@@ -240,6 +416,10 @@ def build_tables(df: pd.DataFrame, depth: pd.DataFrame | None = None, objectives
         "ablation_loo": ablation_loo(df) if not df.empty else pd.DataFrame(),
         "ablation_bits": ablation_bits(df) if not df.empty else pd.DataFrame(),
         "calibration": table_calibration(df),
+        "mitigations": mitigations,
+        "mitigations_pivot": mitigations_pivot(mitigations, method_order(df)),
+        "best_per_bits": best_per_bits(mitigations, pairs),
+        "transform_effect": table_transform_effect(df, transform),
         "search_trials": search_trials(df, objectives or ["accuracy"]) if not df.empty else pd.DataFrame(),
         "timing": table_timing(df),
         "runs": df[[c for c in RUN_COLUMNS if c in df]].copy() if not df.empty else pd.DataFrame(),
