@@ -199,3 +199,4 @@ def test_a_transformed_job_measures_against_the_transformed_reference(make_cfg, 
     assert "transformed.attn_norm.max_abs" in m and "stats.attn_norm.max_abs" in m
     assert m["transformed.attn_norm.max_abs"] != m["stats.attn_norm.max_abs"]
     assert m["stats.attn_norm.sqnr_db"] > 25  # 8-bit quantization error only
+    assert m["transform_seconds"] > 0

@@ -169,6 +169,8 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
         if state.sites:
             metrics["calibration_seconds"] = state.seconds["calibration"]
             run.table(ranges_table(state), "activation_ranges.csv")
+        if "transform" in state.seconds:  # SmoothQuant / OS / OS+: its statistics pass and search
+            metrics["transform_seconds"] = state.seconds["transform"]
         if state.sites or state.weights:
             t0 = time.perf_counter()
             with state.active(model):
