@@ -7,11 +7,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from transquant.core.paths import CONF_PATH
 from transquant.data.tasks import batches
 from transquant.deploy.build import build_onnx_int8, int8_weights
 from transquant.deploy.runtime import EngineError, ort_engine, sample_batch
@@ -28,24 +26,8 @@ from transquant.quant.state import STATE_FILE, QuantState, quantize_
 from transquant.train.evaluate import predictions
 
 from .conftest import random_batches, tiny_bert
+from .test_engine import one_thread, quant_cfg  # noqa: F401 (one_thread: an autouse fixture)
 from .test_ptq import LENGTHS, _items
-
-CONF = OmegaConf.load(CONF_PATH / "quant" / "fp32.yaml")
-
-
-def preset(name, **over):
-    spec = OmegaConf.load(CONF_PATH / "quant" / f"{name}.yaml")
-    spec.pop("defaults", None)
-    return OmegaConf.merge(CONF, spec, over)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --- per-channel weights --------------------------------------------------------------------------
 
@@ -95,7 +77,7 @@ def test_channel_mse_is_never_worse_than_minmax_per_channel(bits):
 
 
 def test_per_channel_and_bias_correction_survive_save_load(tmp_path):
-    q = preset("w8a8", weight_granularity="channel", weight_estimator="mse", bias_correction=True)
+    q = quant_cfg("w8a8", weight_granularity="channel", weight_estimator="mse", bias_correction=True)
     model = tiny_bert()
     state = quantize_(model, q, random_batches(4, seed=1))
     lin = state.weights["bert.encoder.layer.0.intermediate.dense"]
@@ -134,7 +116,7 @@ def test_engine_stores_per_channel_int8_weights_and_keeps_integer_matmuls(tmp_pa
         fp32.classifier.weight.mul_(30)
     reports = {}
     for g in ("tensor", "channel"):
-        model, state, path, reports[g] = _engine_build(tmp_path / g, fp32, preset("w8a8", weight_granularity=g),
+        model, state, path, reports[g] = _engine_build(tmp_path / g, fp32, quant_cfg("w8a8", weight_granularity=g),
                                                       _val(), random_batches(4))
     assert reports["channel"].int_matmuls == reports["tensor"].int_matmuls > 0
     assert reports["channel"].float_matmuls == 0 and reports["channel"].code_agreement >= 0.999
@@ -158,7 +140,7 @@ def test_engine_per_channel_conv1d_weights_gpt2(tmp_path):
     calib = [{k: v for k, v in b.items() if k != "token_type_ids"} for b in random_batches(4)]
     counts = {}
     for g in ("tensor", "channel"):
-        _, _, _, r = _engine_build(tmp_path / g, fp32, preset("w8a8", weight_granularity=g), _val(False), calib)
+        _, _, _, r = _engine_build(tmp_path / g, fp32, quant_cfg("w8a8", weight_granularity=g), _val(False), calib)
         counts[g] = (r.int_matmuls, r.float_matmuls)
         assert r.code_agreement >= 0.999
     assert counts["channel"] == counts["tensor"]
@@ -218,7 +200,7 @@ def test_mse_range_is_streamed_in_bounded_memory_and_keeps_zero():
 
 
 def test_mse_preset_calibrates_every_site_with_two_passes():
-    q = preset("mse")
+    q = quant_cfg("mse")
     assert q.estimator == "mse" and q.weight_estimator == "mse" and "mse" in ESTIMATORS
     model = tiny_bert()
     sites = find_sites(model)
@@ -270,7 +252,7 @@ def test_bias_correction_moves_the_model_toward_fp32():
     err = {}
     for correct in (False, True):
         model = tiny_bert()
-        quantize_(model, preset("w8a32", weight_bits=3, bias_correction=correct), calib)
+        quantize_(model, quant_cfg("w8a32", weight_bits=3, bias_correction=correct), calib)
         with torch.no_grad():
             err[correct] = (torch.cat([model(**b).logits for b in calib]) - ref).mean(0).abs().sum().item()
     assert err[True] < err[False]
@@ -299,7 +281,7 @@ def test_dynamic_preset_needs_no_calibration_and_survives_save_load(tmp_path):
     model = tiny_bert()
     calls = []
     model.register_forward_pre_hook(lambda *_: calls.append(1))
-    state = quantize_(model, preset("dynamic"), random_batches(4, seed=1))
+    state = quantize_(model, quant_cfg("dynamic"), random_batches(4, seed=1))
     assert calls == [] and state.sites and all(s.grid.per_token for s in state.sites.values())
     loaded = QuantState.load(state.save(tmp_path / STATE_FILE))
     fresh = loaded.apply(tiny_bert())
