@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from tests.test_engine import VAL, one_thread, quantized  # noqa: F401 (fixture)
 from transquant.deploy import profiling as P
 from transquant.deploy.build import build_onnx_int8
-from transquant.deploy.memory import peak_rss_growth
 from transquant.deploy.runtime import EngineError, fixed_batch, sample_batch
 from transquant.deploy.timing import CpuTimer, LatencyStats, interleaved
 from transquant.run import CONF_DIR
@@ -60,14 +60,23 @@ def test_interleaved_round_robin_in_blocks():
     assert timed == ["a", "a", "b", "b", "c", "c"] * 2 + ["a", "b", "c"]
 
 
-def test_peak_rss_growth_sees_an_allocation():
-    def alloc():
-        x = np.ones(48 * 1024 * 1024 // 8)  # 48 MB, touched
-        return float(x.sum())
+PEAK_PROBE = """
+import json, numpy as np
+from transquant.deploy.memory import peak_rss_growth
+def alloc():
+    x = np.ones(64 * 1024 * 1024 // 8)  # 64 MB, touched
+    return float(x.sum())
+print(json.dumps(peak_rss_growth(alloc, repeats=1)))
+"""
 
-    grown, method = peak_rss_growth(alloc, repeats=1)
+
+def test_peak_rss_growth_sees_an_allocation():
+    # A fresh interpreter: inside the suite other threads (ORT pools, MLflow) free memory while
+    # the allocation runs, which lowers the resident set under the baseline.
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, check=True)
+    grown, method = json.loads(out.stdout.strip().splitlines()[-1])
     assert method in ("vmhwm", "sampled")
-    assert grown >= 40.0
+    assert 60.0 <= grown <= 72.0
 
 
 def profile_cfg(**over):

@@ -45,7 +45,8 @@ def peak_rss_growth(fn: Callable[[], Any], repeats: int = 3) -> tuple[float | No
     base = rss_bytes()
     if base is None:
         return None, "unavailable"
-    if _reset_hwm() and _status_kb("VmHWM") is not None:
+    if _reset_hwm() and (hwm_kb := _status_kb("VmHWM")) is not None:
+        base = hwm_kb * 1024  # the reset sets the mark to the resident set of this instant
         for _ in range(repeats):
             fn()
         return max(0, _status_kb("VmHWM") * 1024 - base) / MB, "vmhwm"
