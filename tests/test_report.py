@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from transquant.core.tracking import flatten
+from transquant.report import main as report_main
 from transquant.run import CONF_DIR
 from transquant.studies import report as rp
 from transquant.studies import significance as S
@@ -143,11 +144,11 @@ def _correct(acc: float) -> np.ndarray:
 def _with_predictions(metrics: dict) -> tuple[dict, tuple]:
     """Metrics plus the interval metrics a job logs, and the (prediction, label) it stores."""
     ok, fp32_ok = _correct(metrics["accuracy"]), _correct(metrics["fp32_accuracy"])
-    return {**metrics, **S.job_metrics(ok, fp32_ok)}, (np.where(ok, LABELS, 1 - LABELS), LABELS)
+    return {**metrics, **S.job_metrics(ok, fp32_ok), "eval_examples": N_VAL}, (np.where(ok, LABELS, 1 - LABELS), LABELS)
 
 
 def _child(client, exp, parent, seed, q: dict, metrics: dict, t0: int, history: dict | None = None,
-           tags: dict | None = None, predictions: tuple | None = None) -> str:
+           tags: dict | None = None, predictions: tuple | None = None, tables: dict | None = None) -> str:
     params = {"train.seed": str(seed), "model.name": "tiny", "task.name": "synthetic", **q}
     run = client.create_run(exp, start_time=t0, tags={"mlflow.parentRunId": parent, "mlflow.runName": q["quant.method"],
                                                       "checkpoint": f"/ckpt/{seed}", "finetune_cache": "hit", **(tags or {})})
@@ -157,9 +158,12 @@ def _child(client, exp, parent, seed, q: dict, metrics: dict, t0: int, history: 
     for name, values in (history or {}).items():
         ms += [Metric(name, float(v), 0, step) for step, v in enumerate(values)]
     client.log_batch(rid, metrics=ms)
-    if predictions is not None:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        if predictions is not None:
             client.log_artifact(rid, str(S.save_predictions(Path(tmp) / S.PREDICTIONS, *predictions)))
+        for name, t in (tables or {}).items():
+            t.to_csv(Path(tmp) / name, index=False)
+            client.log_artifact(rid, str(Path(tmp) / name))
     client.set_terminated(rid, "FINISHED", end_time=t0 + 2000)
     return rid
 
@@ -334,12 +338,12 @@ def test_compare_two_methods_from_stored_predictions(synthetic, capsys):
 
     by_id = df.set_index(["label", "seed"])["run_id"]
     w, f = by_id[("W8A8", 1002)], by_id[("FP32", 1002)]
-    assert rp.main(["--compare", f, w, "--tracking-uri", synthetic["uri"]]) == 0  # two run ids: no study needed
+    assert report_main([f"report.compare=[{f},{w}]", f"tracking.uri={synthetic['uri']}"]) == 0  # two run ids: no study
     out = capsys.readouterr().out
     assert "A = FP32" not in out and "40.00 [" in out and "| 80 | 0 |" in out
-    assert rp.main(["--compare", "W8A8", "FP32", "--tracking-uri", synthetic["uri"]]) == 2
+    assert report_main(["report.compare=[W8A8,FP32]", f"tracking.uri={synthetic['uri']}"]) == 2
     assert "needs a study" in capsys.readouterr().err
-    assert rp.main(["paper", "--compare", "W8A8", "W8A9", "--tracking-uri", synthetic["uri"]]) == 2
+    assert report_main(["paper", "report.compare=[W8A8,W8A9]", f"tracking.uri={synthetic['uri']}"]) == 2
     assert "no finished run of this method" in capsys.readouterr().err
 
 
@@ -419,7 +423,7 @@ def test_report_is_deterministic(synthetic, tmp_path):
 
 
 def test_report_cli_unknown_study(synthetic, capsys):
-    assert rp.main(["nosuch", "--tracking-uri", synthetic["uri"], "--no-log"]) == 2
+    assert report_main(["nosuch", f"tracking.uri={synthetic['uri']}", "report.log=false"]) == 2
     err = capsys.readouterr().err
     assert "study 'nosuch'" in err and "paper" in err  # lists the known studies
 
@@ -432,13 +436,19 @@ MIT_ACC = {("w8a8", "W8A8", "tensor"): {1000: 80.0, 1001: 82.0}, ("w8a8", "W8A8"
            ("w8a8", "W4A8", "tensor"): {1000: 40.0, 1001: 44.0}, ("w8a8", "W4A8", "channel"): {1000: 70.0, 1001: 73.0},
            ("smoothquant", "W8A8", "tensor"): {1000: 88.0}, ("smoothquant", "W8A8", "channel"): {1000: 89.0},
            ("smoothquant", "W4A8", "tensor"): {1000: 60.0}, ("smoothquant", "W4A8", "channel"): {1000: 71.0}}
-FP32_STATS = {"stats.attn_norm.max_abs": [4.0, 8.0], "stats.attn_norm.kurtosis": [3.0, 30.0],
-              "stats.ffn_residual.max_abs": [10.0, 100.0], "stats.ffn_residual.kurtosis": [5.0, 300.0]}
+# Site kind -> (max_abs, kurtosis) per layer, as the statistics tables hold them.
+FP32_STATS = {"attn_norm": ([4.0, 8.0], [3.0, 30.0]), "ffn_residual": ([10.0, 100.0], [5.0, 300.0])}
 # After SmoothQuant: at W4A8 the ffn residual sums come out flatter than at W8A8 (the numbers only need to differ).
-TRANSFORMED = {"W8A8": {"transformed.attn_norm.max_abs": [2.0, 2.0], "transformed.attn_norm.kurtosis": [3.0, 6.0],
-                        "transformed.ffn_residual.max_abs": [5.0, 20.0], "transformed.ffn_residual.kurtosis": [4.0, 30.0]},
-               "W4A8": {"transformed.attn_norm.max_abs": [2.0, 2.0], "transformed.attn_norm.kurtosis": [3.0, 6.0],
-                        "transformed.ffn_residual.max_abs": [5.0, 10.0], "transformed.ffn_residual.kurtosis": [4.0, 15.0]}}
+TRANSFORMED = {"W8A8": {"attn_norm": ([2.0, 2.0], [3.0, 6.0]), "ffn_residual": ([5.0, 20.0], [4.0, 30.0])},
+               "W4A8": {"attn_norm": ([2.0, 2.0], [3.0, 6.0]), "ffn_residual": ([5.0, 10.0], [4.0, 15.0])}}
+
+
+def _stats_table(stats: dict) -> pd.DataFrame:
+    """``activation_stats.csv`` as a job writes it, for the kinds of ``stats`` (an embedding sum outside the layers)."""
+    rows = [{"site": "embeddings.sum", "kind": "embedding_sum", "layer": None, "max_abs": 1.0, "kurtosis": 3.0}]
+    rows += [{"site": f"layer.{i}.{kind}", "kind": kind, "layer": i, "max_abs": m, "kurtosis": k}
+             for kind, (max_abs, kurt) in stats.items() for i, (m, k) in enumerate(zip(max_abs, kurt))]
+    return pd.DataFrame(rows).astype({"layer": "Int64"})
 
 
 @pytest.fixture(scope="module")
@@ -464,10 +474,12 @@ def mitigations_store(tmp_path_factory):
                                                    if method == "w8a8" else 3.0))
             if (method, bits, gran) == ("smoothquant", "W8A8", "tensor"):
                 pred = None  # intervals logged, predictions not stored: nothing to pair with
-            history = {**FP32_STATS, **(TRANSFORMED[bits] if method == "smoothquant" else {})}
+            tables = {"activation_stats.csv": _stats_table(FP32_STATS)}
+            if method == "smoothquant":
+                tables["activation_stats_transformed.csv"] = _stats_table(TRANSFORMED[bits])
             runs[(method, bits, gran, seed)] = _child(
                 client, exp, parent, seed, qparams(method, weight_bits=wb, act_bits=ab, weight_granularity=gran), m,
-                tick(), history=history, predictions=pred)
+                tick(), predictions=pred, tables=tables)
     return {"uri": uri, "client": client, "parent": parent, "runs": runs}
 
 
@@ -544,22 +556,24 @@ def test_report_mitigations_tables(mitigations_store, tmp_path):
         assert (out / f).read_bytes() == (again / f).read_bytes(), f
 
 
-def test_transform_frame_reads_each_history_once(mitigations_store):
-    """Only metrics the transform runs logged are read, the FP32 ones once per checkpoint."""
+def test_transform_frame_reads_each_table_once(mitigations_store):
+    """Each transform run's transformed statistics table is downloaded once, the FP32 one once per checkpoint."""
     from transquant.studies.queries import transform_frame
 
     client = mitigations_store["client"]
     calls = []
 
     class Counting:
-        def get_metric_history(self, run_id, key):
-            calls.append((run_id, key))
-            return client.get_metric_history(run_id, key)
+        def download_artifacts(self, run_id, path, dst_path):
+            calls.append((run_id, path))
+            return client.download_artifacts(run_id, path, dst_path)
 
     df = children_frame(client, [mitigations_store["parent"]])
     tf = transform_frame(Counting(), df)
-    assert len(calls) == len(set(calls)) == 4 * 4 + 4  # 4 SmoothQuant runs x 4 transformed.* + 4 stats.* (one checkpoint)
+    assert len(calls) == len(set(calls)) == 4 + 1  # 4 SmoothQuant runs, one checkpoint
+    assert [p for _, p in calls].count("activation_stats.csv") == 1
     assert set(tf["when"]) == {"before", "after"} and tf["run_id"].nunique() == 4
+    assert set(tf["kind"]) == {"attn_norm", "ffn_residual"}  # the embedding sum is no transform kind
 
 
 def test_report_without_mitigation_runs_writes_none_of_their_tables(synthetic, tmp_path):

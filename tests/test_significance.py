@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from scipy.special import comb
 
-from transquant.studies import report as rp
+from transquant.report import main as report_main
 from transquant.studies import significance as S
 from transquant.studies.compare import compare
 from transquant.train.evaluate import length_order, predictions
@@ -165,8 +165,8 @@ def test_jobs_log_intervals_predictions_and_compare(tmp_path, capsys):
     assert t.iloc[0]["difference"] == pytest.approx(jobs["w8a8"].data.metrics["accuracy_drop"])
     assert t.iloc[0]["mcnemar_p"] == pytest.approx(jobs["w8a8"].data.metrics["mcnemar_p"])
     parent = next(r for r in runs if r.data.tags.get("transquant.role") == "sweep").info.run_id
-    assert rp.main([parent, "--compare", "FP32", "W8A8", "--tracking-uri", uri]) == 0
+    assert report_main([parent, "report.compare=[FP32,W8A8]", f"tracking.uri={uri}"]) == 0
     out = capsys.readouterr().out
     assert "McNemar p" in out and "A = FP32, B = W8A8" in out and S.RULE in out
-    assert rp.main([parent, "--compare", "FP32", "W9A9", "--tracking-uri", uri]) == 2
+    assert report_main([parent, "report.compare=[FP32,W9A9]", f"tracking.uri={uri}"]) == 2
     assert "no finished run of this method" in capsys.readouterr().err

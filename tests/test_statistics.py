@@ -5,6 +5,7 @@ import math
 import random
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -51,12 +52,15 @@ def make_items(n=24, vocab=100, seed=0, min_len=4, max_len=20):
 
 
 class FakeRun:
-    """Collects what would go to MLflow; with ``keep`` artifact files are copied there."""
+    """Collects what would go to MLflow; with ``keep`` artifact files are copied there. It is its
+    own ``client`` too, for the MLflow tables."""
 
     def __init__(self, keep=None):
         self.logged: list[tuple[str, float, int]] = []
         self.artifacts: list[str] = []
+        self.tables: dict[str, pd.DataFrame] = {}
         self.keep = keep
+        self.client, self.run_id = self, "fake"
 
     def metrics(self, values, step=0):
         self.logged += [(k, v, step) for k, v in values.items() if v is not None]
@@ -69,6 +73,10 @@ class FakeRun:
         if self.keep is not None:
             import shutil
             shutil.copy(path, self.keep)
+
+    def log_table(self, run_id, data, artifact_file):
+        self.artifacts.append(artifact_file)
+        self.tables[artifact_file] = data
 
     def value(self, name, step=0):
         return [v for k, v, s in self.logged if k == name and s == step]
@@ -324,15 +332,17 @@ def test_cache_computes_once(tmp_path):
 def test_log_statistics_names(tiny_stats):
     run = FakeRun()
     names = log_statistics(run, tiny_stats)
-    assert names == ["activation_stats.csv", "outlier_channels.json"] == run.artifacts
+    assert names == ["activation_stats.csv", "activation_stats.json", "outlier_channels.json"] == run.artifacts
     for layer in (0, 1):
         ffn = tiny_stats[f"layer.{layer}.ffn.residual"]
         assert run.value("kurtosis", layer) == [pytest.approx(ffn.kurtosis)]
         assert run.value("top1pct_channel_energy", layer) == [pytest.approx(ffn.top1pct_channel_energy)]
-        assert run.value("stats.attn_residual.kurtosis", layer) == [
-            pytest.approx(tiny_stats[f"layer.{layer}.attn.residual"].kurtosis)]
-    assert run.value("stats.embedding_sum.max_abs", 0) == [pytest.approx(tiny_stats["embeddings.sum"].max_abs)]
     assert run.value("stats_cost_vs_fp32_pass") and run.value("max_abs", 2) == []
+    assert not [k for k, _, _ in run.logged if k.startswith("stats.")]  # per-site numbers: the table
+    t = run.tables["activation_stats.json"].set_index("site")
+    assert len(t) == len(tiny_stats.sites)
+    assert t.loc["layer.1.attn.residual", "kurtosis"] == pytest.approx(tiny_stats["layer.1.attn.residual"].kurtosis)
+    assert t.loc["embeddings.sum", "max_abs"] == pytest.approx(tiny_stats["embeddings.sum"].max_abs)
 
 
 # --- quantization error -----------------------------------------------------------------------
@@ -405,9 +415,11 @@ def test_single_quantized_site_error_is_its_own_quantization_noise():
     assert np.isinf(df.loc["layer.1.ffn.residual", "local_sqnr_db"])  # not quantized itself
 
     run = FakeRun()
-    assert log_quantization_error(run, df.reset_index()) == ["quantization_error.csv"]
+    assert log_quantization_error(run, df.reset_index()) == ["quantization_error.csv", "quantization_error.json"]
     assert run.value("sqnr_db", 1) == [pytest.approx(df.loc["layer.1.ffn.residual", "sqnr_db"])]
-    assert run.value("stats.attn_residual.sqnr_db", 1) == [pytest.approx(expected, rel=1e-4)]
+    assert run.tables["quantization_error.json"].set_index("site").loc[name, "sqnr_db"] == pytest.approx(expected,
+                                                                                                          rel=1e-4)
+    assert {k for k, _, _ in run.logged} == {"sqnr_db", "outlier_error_share", "outlier_error_share.ffn_residual"}
     assert run.value("sqnr_db", 0) == []  # infinite: not logged
     share = outlier_error_share(df.reset_index())
     assert 0 < share < 1 and run.value("outlier_error_share") == [pytest.approx(share)]
@@ -434,7 +446,7 @@ def test_stats_command_logs_a_stats_run(make_cfg, tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = (tmp_path / "mlruns").as_uri()  # a file store: no database migrations to wait for
     cfg = make_cfg(*_with_stats("stats.finetune=false", "stats.num_examples=12", "stats.reservoir=2000",
-                                f"tracking.uri={uri}"))
+                                f"tracking.uri={uri}", f"stats.page_dir={tmp_path / 'pages'}"))
     stats = run_stats(cfg)
     out = capsys.readouterr().out
     assert "layer.1.ffn.residual" in out and "outlier channels" in out
@@ -445,7 +457,9 @@ def test_stats_command_logs_a_stats_run(make_cfg, tmp_path, capsys, monkeypatch)
     assert runs and runs[0].info.status == "FINISHED" and runs[0].data.tags["stats_cache"] == "miss"
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"activation_stats.csv", "outlier_channels.json", "depth_curves.png", "outlier_map.png"} <= arts
-    assert "kurtosis" in runs[0].data.metrics and "stats.attn_residual.kurtosis" in runs[0].data.metrics
+    assert {"activation_stats.json", "activation_stats.csv", "stats.html"} <= arts
+    assert (tmp_path / "pages" / "stats-tiny" / "stats.html").is_file()
+    assert "kurtosis" in runs[0].data.metrics and not [k for k in runs[0].data.metrics if k.startswith("stats.")]
 
 
 def test_stats_command_rejects_bad_settings(make_cfg):

@@ -23,6 +23,15 @@ def test_knobs_of_disabled_stages_and_objectives_are_not_identity(make_cfg):
     assert _key(make_cfg, "profile.enabled=true") != _key(make_cfg, "profile.enabled=true", "profile.iterations=9")
 
 
+def test_knobs_of_the_stats_command_alone_are_not_identity(make_cfg):
+    """Where ``python -m transquant.stats`` writes its page and which grid it suggests for do not
+    change a pipeline job's numbers; the statistics' own knobs do."""
+    on = _key(make_cfg, "profile.enabled=false")
+    assert on == _key(make_cfg, "profile.enabled=false", "stats.page_dir=/elsewhere", "stats.act_bits=6",
+                      "stats.weight_bits=4", "stats.finetune=false")
+    assert on != _key(make_cfg, "profile.enabled=false", "stats.top_k=7")
+
+
 def test_data_model_and_libraries_are_identity(make_cfg, monkeypatch):
     cfg = make_cfg(*FAST)
     task = load_task(cfg.task)

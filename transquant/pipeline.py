@@ -24,7 +24,7 @@ from .analysis.error_attribution import quantization_error
 from .analysis.figures import log_figures
 from .analysis.job import figure_k, job_statistics, stats_config
 from .analysis.statistics import fp32_statistics, sample_items
-from .analysis.to_mlflow import log_quantization_error, log_statistics, log_transformed_statistics
+from .analysis.to_mlflow import log_profile, log_quantization_error, log_statistics, log_transformed_statistics
 from .core import cache, config, tracking
 from .core.errors import TransquantError
 from .core.provenance import FP32_EVAL_MODULES, fingerprint
@@ -223,7 +223,7 @@ def _profile(cfg, run: JobRun, fp32_model, model, state: QuantState, tokenizer, 
     with tempfile.TemporaryDirectory(prefix="transquant-profile-") as workdir:
         values, tags, artifacts = profile_stage(cfg.profile, cfg.hardware, fp32_model, model, state, tokenizer,
                                                 val_items, tokenizer.pad_token_id, Path(workdir))
-        run.metrics({**values, "profile_seconds": time.perf_counter() - t0})
+        log_profile(run, {**values, "profile_seconds": time.perf_counter() - t0})
         for k, v in tags.items():
             run.tag(k, v)
         for path in artifacts:

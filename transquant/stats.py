@@ -2,9 +2,12 @@
 
 Runs just the FP32 statistics stage (:mod:`transquant.analysis.statistics`) on the fine-tuned model
 (trained first if the cache has none) or, with ``stats.finetune=false``, on the pretrained
-encoder, prints the per-layer table and logs an MLflow run tagged ``transquant.role=stats``
-with ``activation_stats.csv``, ``outlier_channels.json`` and the figures. Statistics are cached
-per checkpoint and validation sample, so asking twice costs nothing.
+encoder, prints the per-layer table and the method suggested at the bit budget
+(``stats.weight_bits``, ``stats.act_bits``: :mod:`transquant.analysis.suggest`), and logs an MLflow
+run tagged ``transquant.role=stats`` with ``activation_stats.csv``, ``outlier_channels.json``, the
+figures and the page ``stats.html`` (outlier map, figures, per-layer table, the suggestion and its
+rule), also written to ``<stats.page_dir>/stats-<model>/``. Statistics are cached per checkpoint
+and validation sample, so asking twice costs nothing.
 
     python -m transquant.stats model=minilm-l6 task=qnli-squad stats.finetune=false
 
@@ -37,8 +40,9 @@ def run_stats(cfg: DictConfig):
     import pandas as pd
 
     from . import models
-    from .analysis.figures import log_figures
     from .analysis.job import job_statistics
+    from .analysis.stats_page import log_stats_page
+    from .analysis.suggest import suggest
     from .analysis.to_mlflow import log_statistics
     from .core.cache import key_of
     from .core.tracking import JobRun, job_key
@@ -71,13 +75,16 @@ def run_stats(cfg: DictConfig):
         stats.meta["label"] = f"{cfg.model.name} ({which})"
         run.tag("stats_cache", "hit" if hit else "miss")
         log_statistics(run, stats)
-        log_figures(run, stats, figure_k(cfg))
+        per_layer = printable(stats, tokenizer)
+        suggestion = suggest(stats, s.weight_bits, s.act_bits)
+        page_dir = Path(s.page_dir) / f"stats-{cfg.model.name}" if s.page_dir else None
+        page = log_stats_page(run, stats, suggestion, per_layer, figure_k(cfg), page_dir)
         with pd.option_context("display.width", 250, "display.max_rows", 500, "display.max_columns", 20,
                                "display.float_format", "{:.4g}".format):
             print(f"FP32 activation statistics: {cfg.model.name} ({which}), {cfg.task.name} validation, "
                   f"{stats.meta['examples']} examples / {stats.meta['tokens']} non-pad tokens"
                   + ("" if not hit else " (cached)"))
-            print(printable(stats, tokenizer).to_string(index=False))
+            print(per_layer.to_string(index=False))
         res = stats.outliers().get("residual_stream", {})
         top = ", ".join(f"{c} ({100 * p:.0f} %)" for c, p in list(res.get("persistence", {}).items())[:6])
         print(f"outlier channels of the residual stream (share of residual sums where top-{stats.top_k}): {top}")
@@ -85,8 +92,10 @@ def run_stats(cfg: DictConfig):
         if meta.get("stats_cost_vs_fp32_pass"):
             print(f"stats pass {meta['stats_seconds']:.1f} s = {meta['stats_cost_vs_fp32_pass']:.2f} x one FP32 "
                   f"forward pass ({meta['fp32_pass_seconds']:.1f} s)")
+        print(f"suggested at W{s.weight_bits}A{s.act_bits}: {suggestion.command}\n  why: {suggestion.reason}")
         print(f"MLflow run {run.run_id} ({cfg.tracking.uri}); cache {path}")
-        return stats
+    print(f"stats page: {page if page else 'stats.html in the MLflow run (stats.page_dir=null)'}")
+    return stats
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config")

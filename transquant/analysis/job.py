@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..core.config import writable_dir
 from ..core.errors import TransquantError
 from ..core.paths import CONF_PATH
 
@@ -33,6 +34,14 @@ def validate_stats(s: DictConfig) -> None:
     for key in ("finetune", "enabled"):
         if not isinstance(s[key], bool):
             raise TransquantError(f"stats.{key}={s[key]}: must be true or false")
+    for key in ("weight_bits", "act_bits"):
+        v = s[key]
+        if not (isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 16):
+            raise TransquantError(f"stats.{key}={v}: the suggestion's bit budget must be an integer in [2, 16]")
+    if s.page_dir is not None:
+        if not isinstance(s.page_dir, str) or not s.page_dir:
+            raise TransquantError(f"stats.page_dir={s.page_dir}: must be a folder path, or null for no local copy")
+        writable_dir("stats.page_dir", s.page_dir)
 
 
 def figure_k(cfg: DictConfig) -> int | None:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..core import cache, provenance
+from ..core.progress import progress
 from ..data.tasks import batches
 from ..quant.ptq import TokenMask
 from ..quant.sites import RESIDUAL_KINDS, Site, tap
@@ -113,7 +114,7 @@ def fp32_statistics(model: nn.Module, sites: list[Site], items: list[dict], pad_
     plain = stats = 0.0
     if measure_cost:  # warm-up, untimed (thread pools, allocator)
         model(**_model_inputs(batch_list[0], device))
-    for i, batch in enumerate(batch_list):
+    for i, batch in enumerate(progress(batch_list, "statistics")):
         inputs = _model_inputs(batch, device)
         order = (False, True) if i % 2 == 0 else (True, False)
         for with_stats in order:

@@ -43,7 +43,7 @@ def _positive_int(name: str, value, allow_none: bool = False) -> None:
            f"{name}={value}: must be an integer >= 1{' or null' if allow_none else ''}")
 
 
-def _writable_dir(name: str, value) -> None:
+def writable_dir(name: str, value) -> None:
     """A directory we may create and write (checked, not created: bad input writes nothing)."""
     path = Path(str(value)).absolute()
     _check(not path.exists() or path.is_dir(), f"{name}={value}: exists and is not a directory")
@@ -114,8 +114,8 @@ def validate_static(cfg: DictConfig) -> None:
     check_artifacts(cfg.tracking)
     check_uri(cfg.tracking.uri)
     if cfg.tracking.artifacts is not None:
-        _writable_dir("tracking.artifacts", cfg.tracking.artifacts)
-    _writable_dir("paths.cache_dir", cfg.paths.cache_dir)
+        writable_dir("tracking.artifacts", cfg.tracking.artifacts)
+    writable_dir("paths.cache_dir", cfg.paths.cache_dir)
 
 
 def skeleton(model_cfg) -> torch.nn.Module:

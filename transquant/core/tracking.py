@@ -29,10 +29,22 @@ from .errors import TransquantError
 PARENT_ENV = "TRANSQUANT_PARENT_RUN_ID"
 HOST_TAG, PID_TAG = "transquant.host", "transquant.pid"
 URI_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks")
+# MLflow 3 opens an experiment without this tag on its GenAI (traces) pages, which hide our runs.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 
-def check_uri(uri: str) -> None:
-    """Fail fast on a tracking URI that cannot work (MLflow itself retries for minutes)."""
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite URI (relative to the current directory unless absolute)."""
+    if urlparse(uri).scheme.split("+")[0] != "sqlite":
+        return None
+    return Path(uri.split(":///", 1)[1].split("?")[0])
+
+
+def check_uri(uri: str, must_exist: bool = False) -> None:
+    """Fail fast on a tracking URI that cannot work (MLflow itself retries for minutes).
+
+    ``must_exist``: the caller only reads, so a sqlite database that is not there is a wrong
+    path, not a store to create (MLflow would silently create an empty one)."""
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+")[0]
     if scheme not in URI_SCHEMES:
@@ -45,10 +57,14 @@ def check_uri(uri: str) -> None:
         except OSError as err:
             raise TransquantError(f"tracking.uri={uri}: no tracking server answers ({err}); "
                                   "start `mlflow server` or use sqlite:///mlruns/mlflow.db") from err
-    if scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):])
-        if db.parent and not db.parent.exists():
-            db.parent.mkdir(parents=True, exist_ok=True)
+    db = _sqlite_file(uri)
+    if db is None:
+        return
+    if must_exist and not db.is_file():
+        raise TransquantError(f"tracking.uri={uri}: no MLflow store at {db.resolve()}; give the database your runs "
+                              "went to with tracking.uri=sqlite:///PATH (default sqlite:///mlruns/mlflow.db, "
+                              "relative to the current directory, or $MLFLOW_TRACKING_URI)")
+    db.parent.mkdir(parents=True, exist_ok=True)
 
 
 def check_artifacts(tracking: DictConfig) -> None:
@@ -64,13 +80,13 @@ def artifact_location(tracking: DictConfig) -> str | None:
     started in). None: the store decides (a file store keeps them inside, a server where told)."""
     if tracking.artifacts is not None:
         return Path(tracking.artifacts).resolve().as_uri()
-    if urlparse(tracking.uri).scheme.split("+")[0] == "sqlite":
-        return (Path(tracking.uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
-    return None
+    db = _sqlite_file(tracking.uri)
+    return (db.resolve().parent / "artifacts").as_uri() if db else None
 
 
-def client_for(uri: str) -> MlflowClient:
-    check_uri(uri)
+def client_for(uri: str, must_exist: bool = False) -> MlflowClient:
+    """A client of a checked store; ``must_exist`` for callers that only read (:func:`check_uri`)."""
+    check_uri(uri, must_exist)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -81,13 +97,37 @@ def experiment_id(client: MlflowClient, tracking: DictConfig) -> str:
     exp = client.get_experiment_by_name(tracking.experiment)
     if exp is None:
         try:
-            return client.create_experiment(tracking.experiment, artifact_location=artifact_location(tracking))
+            return client.create_experiment(tracking.experiment, artifact_location=artifact_location(tracking),
+                                            tags={KIND_TAG: KIND})
         except MlflowException:
             exp = client.get_experiment_by_name(tracking.experiment)
     if tracking.artifacts is not None and exp.artifact_location != artifact_location(tracking):
         raise TransquantError(f"tracking.artifacts={tracking.artifacts}: experiment '{tracking.experiment}' already "
                               f"keeps its artifacts at {exp.artifact_location}; use that or another tracking.experiment")
+    if KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
     return exp.experiment_id
+
+
+def ui_url(uri: str, exp_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (a sweep) or of one run, in the classic view: without
+    ``workflowType`` MLflow 3 may open its GenAI pages, which show none of our runs. A tracking
+    server serves its own UI; any other store is shown by ``mlflow ui`` at its default address."""
+    parsed = urlparse(uri)
+    base = "http://127.0.0.1:5000"
+    if parsed.scheme in ("http", "https"):
+        base = f"{parsed.scheme}://{parsed.netloc}{parsed.path}".rstrip("/")
+    page = f"experiments/{exp_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/#/{page}?workflowType=machine_learning"
+
+
+def print_ui_link(uri: str, exp_id: str, run_id: str | None = None) -> None:
+    """How to look at what was just logged: the command that starts the UI, then the page."""
+    db = _sqlite_file(uri)
+    store = f"sqlite:///{db.resolve()}" if db else uri
+    how = (f"MLflow UI of {uri}:" if urlparse(uri).scheme in ("http", "https")
+           else f"MLflow UI: start it with `mlflow ui --backend-store-uri {store}`, then open")
+    print(f"{how}\n{ui_url(uri, exp_id, run_id)}", flush=True)
 
 
 def _host() -> str:
@@ -142,6 +182,10 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 JOB_KEY_TAG = "transquant.job_key"
 
 
+# Knobs of ``python -m transquant.stats`` alone: a pipeline job's numbers do not depend on them.
+STATS_COMMAND_ONLY = ("finetune", "weight_bits", "act_bits", "page_dir")
+
+
 def job_key(cfg: DictConfig, task=None) -> str:
     """Identity of a job: whatever decides its numbers, so a finished run is reused only if a
     re-run would give the same ones — the config (minus where things are stored, how the sweep
@@ -156,6 +200,8 @@ def job_key(cfg: DictConfig, task=None) -> str:
     for stage in ("profile", "stats"):
         if stage in body and not body[stage]["enabled"]:
             body[stage] = {"enabled": False}
+    for k in STATS_COMMAND_ONLY:
+        body.get("stats", {}).pop(k, None)
     task = task if task is not None else load_task(cfg.task)
     return key_of({"config": body, "code": provenance.fingerprint(), "model": identity(cfg.model),
                    "data": {split: task.fingerprint(split) for split in ("train", "validation")}})
@@ -185,8 +231,8 @@ class JobRun:
     """The MLflow run of one job: opened after validation, closed FINISHED or FAILED."""
 
     def __init__(self, cfg: DictConfig, run_name: str, tags: dict[str, str], key: str, stale: list = ()):
-        self.client = client_for(cfg.tracking.uri)
-        exp = experiment_id(self.client, cfg.tracking)
+        self.client, self.uri = client_for(cfg.tracking.uri), cfg.tracking.uri
+        self.exp = exp = experiment_id(self.client, cfg.tracking)
         close_orphans(self.client, exp)
         parent = os.environ.get(PARENT_ENV)
         code = provenance.fingerprint()
@@ -231,13 +277,14 @@ class JobRun:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
             self.client.set_terminated(self.run_id, "FINISHED")
-            return
-        self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
-        with tempfile.TemporaryDirectory() as tmp:
-            f = Path(tmp) / "error.txt"
-            f.write_text("".join(traceback.format_exception(exc_type, exc, tb)))
-            self.client.log_artifact(self.run_id, str(f))
-        self.client.set_terminated(self.run_id, "KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        else:
+            self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
+            with tempfile.TemporaryDirectory() as tmp:
+                f = Path(tmp) / "error.txt"
+                f.write_text("".join(traceback.format_exception(exc_type, exc, tb)))
+                self.client.log_artifact(self.run_id, str(f))
+            self.client.set_terminated(self.run_id, "KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+        print_ui_link(self.uri, self.exp, self.run_id)
 
 
 class MultirunParent(Callback):
@@ -281,6 +328,7 @@ class MultirunParent(Callback):
         failed = sum(r.info.status != "FINISHED" for r in children)
         self.client.log_metric(self.run_id, "jobs_failed", failed)
         self._close("FINISHED" if failed == 0 else "FAILED")
+        print_ui_link(config.tracking.uri, parent.info.experiment_id)
 
     def _close(self, status: str) -> None:
         if self.run_id is None:

@@ -1,7 +1,7 @@
 """Speed and size ratios at BERT-base size (random weights), so the gain at the paper's model
 size is known without downloading it.
 
-    python -m transquant.bench_base --methods mixed,w8a8 --iterations 100
+    python -m transquant.bench_base methods=[mixed,w8a8] iterations=100 threads=4 out=bench.csv
 
 Builds ``BertForSequenceClassification(BertConfig())`` (hidden 768, 12 layers, 30522-token
 vocabulary) with seeded random weights, calibrates each method on random token sequences, and
@@ -11,17 +11,20 @@ meaningless for random weights and is not evaluated.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
+import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from transformers import BertConfig, BertForSequenceClassification
 
+from ..core import cli
 from ..core.paths import CONF_PATH as CONF
 from ..quant.state import quantize_
 from .profiling import profile_stage
@@ -80,23 +83,32 @@ def bench(methods=("mixed",), config: BertConfig | None = None, threads: int = 2
     return df[[c for c in COLUMNS if c in df] + [c for c in df if c not in COLUMNS]]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="mixed", help="comma-separated conf/quant names")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--iterations", type=int, default=100)
-    ap.add_argument("--engine", default="onnxruntime")
-    ap.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
-    args = ap.parse_args(argv)
+@dataclass
+class Args:
+    """The options of :func:`main`: :func:`bench`'s own arguments, plus where to write the table."""
+    methods: List[str] = field(default_factory=lambda: ["mixed"])  # conf/quant names
+    threads: int = 2
+    warmup: int = 20
+    iterations: int = 100
+    engine: str = "onnxruntime"
+    out: Optional[str] = None  # write the table as CSV here
+
+
+def run(_: list[str], args: DictConfig) -> int:
+    """Print the table of ``args`` (and write it to ``args.out``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    df = bench(args.methods.split(","), threads=args.threads, warmup=args.warmup, iterations=args.iterations,
+    df = bench(list(args.methods), threads=args.threads, warmup=args.warmup, iterations=args.iterations,
                engine=args.engine)
     if args.out:
         df.to_csv(args.out, index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df[[c for c in COLUMNS if c in df]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main("transquant.bench_base", Args, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -55,6 +55,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..core.progress import transformers_bars_off
 from ..quant.state import QuantState
 from .engines import ENGINES, EngineJob, ort_dynamic_int8, require_engine
 from .export import export_onnx
@@ -71,6 +72,8 @@ from .runtime import (
 from .timing import LatencyStats, interleaved, timer_for
 
 log = logging.getLogger("transquant")
+# Each candidate and the prefix of its metrics: ``peak_memory_mb`` is the engine's, ``peer_peak_memory_mb`` the peer's.
+CANDIDATE_PREFIXES = (("engine", ""), ("fp32", "fp32_"), ("ort_fp32", "ort_fp32_"), ("peer", "peer_"))
 
 
 def memory_in_subprocess(kind: str, path: Path, batch: dict, threads, repeats: int, workdir: Path,
@@ -185,7 +188,8 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
     if device.type == "cpu" and cfg_profile.get("memory_probe", "subprocess") == "subprocess":
         fp32_dir = workdir / "artifacts" / "fp32_hf"
         if hasattr(fp32_model, "save_pretrained"):
-            fp32_model.save_pretrained(fp32_dir)
+            with transformers_bars_off():
+                fp32_model.save_pretrained(fp32_dir)
             fp32.probe = ("hf", fp32_dir)
         for c in cands.values():
             got = (memory_in_subprocess(*c.probe, batch, threads, mem_reps, workdir, info["fp32_attention"])
@@ -229,7 +233,7 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
         "fp32_model_size_mb": fp32.size_bytes / MB,
         "profile_build_seconds": build_s, "profile_timing_seconds": timing_s,
     }
-    for name, prefix in (("engine", ""), ("fp32", "fp32_"), ("ort_fp32", "ort_fp32_"), ("peer", "peer_")):
+    for name, prefix in CANDIDATE_PREFIXES:
         if memory.get(name) is not None:
             metrics[prefix + "peak_memory_mb"] = memory[name]
     if load_mem.get("engine") is not None:

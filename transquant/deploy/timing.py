@@ -9,6 +9,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..core.progress import Progress
+
 
 class CpuTimer:
     """Wall time of one call in nanoseconds (``clock`` injectable for tests)."""
@@ -63,13 +65,17 @@ def interleaved(runners: dict[str, Callable[[], Any]], warmup: int, iterations: 
     has ``iterations`` timings (nanoseconds). Warm-up is interleaved the same way."""
     timer = timer or CpuTimer()
     block = max(1, int(block))
-    for done in range(0, warmup, block):
-        for fn in runners.values():
-            for _ in range(min(block, warmup - done)):
-                fn()
+    warm, timed = range(0, warmup, block), range(0, iterations, block)
     times: dict[str, list[int]] = {name: [] for name in runners}
-    for done in range(0, iterations, block):
-        for name, fn in runners.items():
-            for _ in range(min(block, iterations - done)):
-                times[name].append(timer.time(fn))
+    with Progress("profile", len(warm) + len(timed)) as bar:  # counted between turns, never inside a timing
+        for done in warm:
+            for fn in runners.values():
+                for _ in range(min(block, warmup - done)):
+                    fn()
+            bar.update()
+        for done in timed:
+            for name, fn in runners.items():
+                for _ in range(min(block, iterations - done)):
+                    times[name].append(timer.time(fn))
+            bar.update()
     return times

@@ -20,6 +20,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
+from ..core.progress import transformers_bars_off
 from .adapters import ADAPTERS, Adapter, adapter_for
 from .adapters.base import SEGMENT_INPUT
 
@@ -171,13 +172,19 @@ def load_pretrained(cfg, num_labels: int, seed: int, pad_token_id: int | None = 
         check_local_checkpoint(loc)
     torch.manual_seed(seed)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(loc, num_labels=num_labels)
+        model = _classifier(loc, num_labels=num_labels)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"model {loc}: cannot load as a sequence classifier: {str(err).splitlines()[0]}") from err
     _check_architecture(cfg, model.config)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id()
     return model
+
+
+def _classifier(location: str, **kwargs):
+    """``from_pretrained`` of a sequence classifier, without its "Loading weights" bar."""
+    with transformers_bars_off():
+        return AutoModelForSequenceClassification.from_pretrained(location, **kwargs)
 
 
 def _check_architecture(cfg, conf: PretrainedConfig) -> None:
@@ -198,14 +205,14 @@ def load_finetuned(path: str | Path) -> torch.nn.Module:
     from ..train import attention  # here: it imports quant.sites, which imports this package
 
     if not attention.gated_checkpoint(path):
-        model = AutoModelForSequenceClassification.from_pretrained(str(path))
+        model = _classifier(str(path))
         return attention.install(model)  # a no-op for plain softmax
     # The stock classes have no gates: their weights are "unexpected" to from_pretrained (which would
     # print a report of them), are checked to be the only surprise, and are loaded after install().
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(str(path), output_loading_info=True)
+        model, info = _classifier(str(path), output_loading_info=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
     wrong = [*info.get("missing_keys", ()), *info.get("mismatched_keys", ()),

@@ -12,10 +12,10 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..core.errors import TransquantError
+from ..core.progress import progress
 from .quantizers import Grid, fake_quantize, symmetric_grid
 from .ranges import ESTIMATORS, WEIGHT_ESTIMATORS, RangeEstimator, make_groups
 from .sites import Site, select, tap, use_tappable_attention
@@ -175,7 +175,7 @@ def input_means(model: nn.Module, batches: list[dict], device: torch.device) -> 
     model.eval()
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="bias correction: input means", leave=False):
+            for batch in progress(batches, "bias correction: input means"):
                 batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
                 token_mask.mask = batch["attention_mask"].bool()
                 model(**batch)
@@ -259,7 +259,7 @@ def calibrate(model: nn.Module, sites: list[Site], plans: dict[str, SitePlan],
     passes = max((e.passes for e in estimators.values()), default=1)
     with torch.no_grad(), tap(planned, observe):
         for i in range(passes):
-            for batch in tqdm(batches, desc=f"calibrate (pass {i + 1}/{passes})", leave=False):
+            for batch in progress(batches, f"calibrate (pass {i + 1}/{passes})"):
                 batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
                 token_mask.mask = batch["attention_mask"].bool()
                 model(**batch)

@@ -23,11 +23,11 @@ def _side(client, spec: str, df: pd.DataFrame | None) -> dict[str, str]:
             raise ReportError(f"run {spec}: not found in this tracking store ({err})") from err
         return {str(parse_param(run.data.params.get("train.seed"))): spec}
     if df is None or df.empty:
-        raise ReportError(f"--compare {spec!r}: a method label needs a study with runs "
-                          "(python -m transquant.report <study> --compare A B)")
+        raise ReportError(f"report.compare: {spec!r}: a method label needs a study with runs "
+                          "(python -m transquant.report <study> report.compare=[A,B])")
     rows = df[(df["label"] == spec) & (df["status"] == "FINISHED")]
     if rows.empty:
-        raise ReportError(f"--compare {spec!r}: no finished run of this method; "
+        raise ReportError(f"report.compare: {spec!r}: no finished run of this method; "
                           f"methods: {', '.join(dict.fromkeys(df['label']))}")
     return dict(zip(rows["seed"].map(str), rows["run_id"]))  # rows in (seed, start time) order: the latest wins
 
@@ -49,7 +49,7 @@ def compare(client, a: str, b: str, df: pd.DataFrame | None = None) -> pd.DataFr
     else:
         pairs = [(s, side_a[s], side_b[s]) for s in sorted(set(side_a) & set(side_b), key=lambda s: (len(s), s))]
         if not pairs:
-            raise ReportError(f"--compare: no seed has both {a!r} (seeds {', '.join(side_a)}) "
+            raise ReportError(f"report.compare: no seed has both {a!r} (seeds {', '.join(side_a)}) "
                               f"and {b!r} (seeds {', '.join(side_b)})")
     rows = []
     with tempfile.TemporaryDirectory(prefix="transquant-compare-") as tmp:

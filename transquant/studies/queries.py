@@ -3,6 +3,7 @@ table, the per-layer FP32 statistics of Table III, the statistics before and aft
 (``transform_effect``) and the paired comparisons of each bit setting's best method (``best_per_bits``)."""
 from __future__ import annotations
 
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -139,30 +140,47 @@ def history(client, run_id: str, metric: str) -> dict[int, float]:
     return {step: last[step][1] for step in sorted(last)}
 
 
+# The statistics tables of a job run: the FP32 model's, and the transformed FP32 model's on a transform run.
+STATS_TABLES = {"before": "activation_stats.csv", "after": "activation_stats_transformed.csv"}
+
+
+def _stats_rows(client, run_id: str, when: str, tmp: str) -> list[dict]:
+    """The finite :data:`~transquant.studies.tables.TRANSFORM_STATS` of the
+    :data:`~transquant.studies.tables.TRANSFORM_KINDS` sites in a run's statistics table
+    (:data:`STATS_TABLES`), per layer (0 outside the layers); none when the run has no such table."""
+    dst = Path(tmp) / run_id / when
+    dst.mkdir(parents=True)
+    try:
+        t = pd.read_csv(client.download_artifacts(run_id, STATS_TABLES[when], str(dst)))
+    except Exception:  # noqa: BLE001 - statistics not computed (MLflow's error type depends on the store)
+        return []
+    t = t[t["kind"].isin(TRANSFORM_KINDS)].assign(layer=lambda x: x["layer"].fillna(0).astype(int))
+    rows = [{"kind": r["kind"], "stat": stat, "when": when, "layer": r["layer"], "value": float(r[stat])}
+            for kind in TRANSFORM_KINDS for stat in TRANSFORM_STATS
+            for r in t[t["kind"] == kind].sort_values("layer").to_dict("records")]
+    return [r for r in rows if math.isfinite(r["value"])]
+
+
 def transform_frame(client, df: pd.DataFrame) -> pd.DataFrame:
     """Per transform run (``quant.transform`` != none): ``max_abs`` and ``kurtosis`` per layer of
-    each kind of :data:`~transquant.studies.tables.TRANSFORM_KINDS`, ``before`` (``stats.*``, the
-    FP32 model) and ``after`` (``transformed.*``, the transformed FP32 model). Only metrics the run
-    logged are read (one ``get_metric_history`` each), and the FP32 ones once per checkpoint: at
-    most 10 calls per transform run plus 10 per checkpoint."""
+    each kind of :data:`~transquant.studies.tables.TRANSFORM_KINDS`, ``before`` (the FP32 model,
+    ``activation_stats.csv``) and ``after`` (the transformed FP32 model,
+    ``activation_stats_transformed.csv``). The FP32 table is downloaded once per checkpoint, the
+    transformed one once per run."""
     if df.empty or "transform" not in df:
         return pd.DataFrame()
     runs = df[df["transform"].notna() & (df["transform"] != "none")]
     before: dict[str, list[dict]] = {}
     rows = []
-    for _, r in runs.iterrows():
-        ckpt = r.get("checkpoint") or f"run {r['run_id']}"
-        for prefix, when in (("stats", "before"), ("transformed", "after")):
-            if when == "before" and ckpt in before:
-                got = before[ckpt]
-            else:
-                got = [{"kind": kind, "stat": stat, "when": when, "layer": step, "value": value}
-                       for kind in TRANSFORM_KINDS for stat in TRANSFORM_STATS
-                       if f"{prefix}.{kind}.{stat}" in df and pd.notna(r[f"{prefix}.{kind}.{stat}"])
-                       for step, value in history(client, r["run_id"], f"{prefix}.{kind}.{stat}").items()]
-                if when == "before" and got:
+    with tempfile.TemporaryDirectory(prefix="transquant-report-") as tmp:
+        for _, r in runs.iterrows():
+            ckpt = r.get("checkpoint") or f"run {r['run_id']}"
+            if ckpt not in before:
+                got = _stats_rows(client, r["run_id"], "before", tmp)
+                if got:
                     before[ckpt] = got
-            rows += [{"run_id": r["run_id"], **x} for x in got]
+            after = _stats_rows(client, r["run_id"], "after", tmp)
+            rows += [{"run_id": r["run_id"], **x} for x in before.get(ckpt, []) + after]
     return pd.DataFrame(rows, columns=["run_id", "kind", "stat", "when", "layer", "value"])
 
 

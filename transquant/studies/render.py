@@ -176,10 +176,15 @@ def to_markdown(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _md(x) -> str:
+def cell_text(x) -> str:
+    """A cell as report.md and report.html show it: floats with two decimals, NaN empty."""
     if isinstance(x, float):
         return "" if math.isnan(x) else f"{x:.2f}"
-    return str(x).replace("|", "\\|").replace("*", "\\*")
+    return str(x)
+
+
+def _md(x) -> str:
+    return cell_text(x).replace("|", "\\|").replace("*", "\\*")
 
 
 def write_tables(tables: dict[str, pd.DataFrame], out: Path) -> list[Path]:
@@ -231,6 +236,17 @@ CAPTIONS = {
 }
 
 
+_LATEX_LIKE = ("table1_accuracy", "table1_seeds", "table2_deployment", "ablation_peg", "ablation_bits", "calibration",
+               "mitigations")
+
+
+def markdown_view(name: str, t: pd.DataFrame) -> pd.DataFrame:
+    """The table a reader sees (report.md, report.html): the LaTeX view where it has spreads and
+    marks, the plain table otherwise, headers without LaTeX."""
+    view = latex_view(name, t) if name in _LATEX_LIKE else t
+    return view.rename(columns=lambda c: c.replace("\\%", "%").replace("$\\Delta$", "Δ").replace("$p$", "p"))
+
+
 def write_markdown(tables, parents, studies, out: Path, df: pd.DataFrame) -> Path:
     lines = [f"# transquant report: {', '.join(studies)}", ""]
     for p in parents:
@@ -242,12 +258,8 @@ def write_markdown(tables, parents, studies, out: Path, df: pd.DataFrame) -> Pat
     lines.append("")
     for name, title in TITLES.items():
         if name in tables:
-            latex_like = ("table1_accuracy", "table1_seeds", "table2_deployment", "ablation_peg", "ablation_bits",
-                          "calibration", "mitigations")
-            view = latex_view(name, tables[name]) if name in latex_like else tables[name]
-            view = view.rename(columns=lambda c: c.replace("\\%", "%").replace("$\\Delta$", "Δ").replace("$p$", "p"))
             caption = [CAPTIONS[name], ""] if name in CAPTIONS else []
-            lines += [f"## {title}", "", *caption, to_markdown(view), ""]
+            lines += [f"## {title}", "", *caption, to_markdown(markdown_view(name, tables[name])), ""]
     f = out / "report.md"
     f.write_text("\n".join(lines))
     return f

@@ -1,16 +1,16 @@
 """The study report: tables and figures from MLflow (never from files lying around).
 
     python -m transquant.report paper                       # latest sweep tagged transquant.study=paper
-    python -m transquant.report <parent-run-id> [--out DIR] [--tracking-uri URI]
-    python -m transquant.report paper loo bits --out reports/all   # several studies in one report
-    python -m transquant.report peg --all                   # every sweep of the study (shared Optuna study)
-    python -m transquant.report paper --compare W8A8 mixed  # two methods, paired per seed (or two run ids)
+    python -m transquant.report <parent-run-id> report.out=DIR tracking.uri=sqlite:///x/mlflow.db
+    python -m transquant.report paper loo bits report.out=reports/all   # several studies in one report
+    python -m transquant.report peg report.all=true         # every sweep of the study (shared Optuna study)
+    python -m transquant.report paper report.compare=[W8A8,mixed]   # two methods, paired per seed (or two run ids)
 
 A study is found by the tag ``transquant.study`` of its parent run (set by
 :class:`transquant.studies.search.StudyCallback`), or by ``+experiment=<name>`` / ``+search=<name>`` in the
 parent's ``sweep_overrides`` param, or given as a parent run id. Its child runs become one row
 each (:func:`transquant.studies.runs.run_record`, the method named from its ``quant.*`` params), and the
-report writes to ``--out`` (default ``reports/<study>``) and, unless ``--no-log``, as artifacts
+report writes to ``report.out`` (default ``reports/<study>``) and, unless ``report.log=false``, as artifacts
 ``report/`` of the parent run (``report-<names>/`` of each parent for a report over several sweeps)
 plus, on each parent, the seed statistics of its own jobs as metrics:
 
@@ -42,17 +42,16 @@ each as ``.csv`` and booktabs ``.tex``, figures ``accuracy_vs_k.png``, ``accurac
 ``report.md``. Tables without data are not written. Files hold no timestamps and rows are in a canonical order, so the same
 study gives the same bytes.
 
-``--compare A B`` prints, per seed, A against B on the same validation examples from the runs'
+``report.compare=[A,B]`` prints, per seed, A against B on the same validation examples from the runs'
 stored ``predictions.npz``: both accuracies with their intervals, the paired interval of A − B and
 the exact McNemar p-value (:mod:`transquant.studies.significance`).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from .compare import compare
+from .html_report import write_html, write_index
 from .pareto import best_mask
 from .plots import write_figures
 from .publish import log_metrics, log_report, mark_best
@@ -65,7 +64,7 @@ from .queries import (
     resolve_all,
     transform_frame,
 )
-from .render import compare_markdown, write_markdown, write_tables
+from .render import write_markdown, write_tables
 from .seeds import study_metrics
 from .tables import build_tables
 
@@ -108,6 +107,9 @@ def report(studies: list[str], tracking_uri: str = DEFAULT_URI, out: str | Path 
     write_tables(tables, out)
     write_figures(tables, out, objectives, directions, df)
     write_markdown(tables, parents, studies, out, df)
+    write_html(tables, parents, studies, out, df)
+    if out.parent.name == "reports":  # reports/index.html over every study there; any other out= stands alone
+        write_index(out.parent)
     if log:
         # Each parent gets the seed statistics of its own jobs (never another study's methods), and
         # a report of several studies goes to its own artifact folder, not over a study's report/.
@@ -118,40 +120,3 @@ def report(studies: list[str], tracking_uri: str = DEFAULT_URI, out: str | Path 
             log_report(client, pid, out, artifact_path)
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m transquant.report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("study", nargs="*",
-                    help="study name (transquant.study tag, e.g. paper, loo, bits, peg) or parent run id")
-    ap.add_argument("--tracking-uri", default=DEFAULT_URI, help=f"MLflow tracking URI (default {DEFAULT_URI})")
-    ap.add_argument("--experiment", default=None, help="MLflow experiment name to search (default: all)")
-    ap.add_argument("--out", default=None, help="output directory (default reports/<study>)")
-    ap.add_argument("--all", action="store_true", help="merge every sweep of the study, not only the latest")
-    ap.add_argument("--no-log", action="store_true", help="write files only; no artifacts, metrics or tags in MLflow")
-    ap.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                    help="print A against B, paired per seed on the same examples, instead of the report: two method "
-                         "labels of the study (as in its tables, e.g. 'W8A8' 'mixed') or two run ids")
-    args = ap.parse_args(argv)
-    if not args.study and not args.compare:
-        ap.error("give a study name or parent run id (or --compare RUN_ID RUN_ID)")
-    try:
-        if args.compare:
-            from ..core.tracking import client_for
-
-            client = client_for(args.tracking_uri)
-            parents = resolve_all(client, args.study, args.experiment, args.all)
-            df = children_frame(client, [p.info.run_id for p in parents]) if parents else None
-            print(compare_markdown(compare(client, *args.compare, df), *args.compare))
-            return 0
-        out = report(args.study, args.tracking_uri, args.out, args.experiment, args.all, not args.no_log)
-    except ReportError as err:
-        print(f"transquant.report: error: {err}", file=sys.stderr)
-        return 2
-    print(f"report written to {out}")
-    for f in sorted(out.iterdir()):
-        print(f"  {f.name}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

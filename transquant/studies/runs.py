@@ -95,6 +95,8 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
         "pareto": tags.get("transquant.pareto") == "true",
         "wall_seconds": (end_time - start_time) / 1000.0 if start_time and end_time else None,
         "start_time": start_time,
+        "source_hash": tags.get("transquant.source_hash"),
+        **{k.removeprefix("transquant."): v for k, v in tags.items() if k.startswith("transquant.version.")},
         "_sort": method_sort_key(q),
         "_mitigation_sort": method_sort_key(_at_defaults(q)),
     }

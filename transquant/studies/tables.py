@@ -367,8 +367,9 @@ def best_per_bits(t: pd.DataFrame, pairs: pd.DataFrame | None = None) -> pd.Data
 
 def table_transform_effect(df: pd.DataFrame, transform: pd.DataFrame | None) -> pd.DataFrame:
     """Per transform run (``quant.transform`` != none) and site kind: the largest over layers of
-    ``max_abs`` and ``kurtosis`` of the FP32 model (``stats.*``) and of the transformed FP32 model
-    (``transformed.*``), and after / before. ``transform``: :func:`transquant.studies.queries.transform_frame`."""
+    ``max_abs`` and ``kurtosis`` of the FP32 model (``activation_stats.csv``) and of the transformed
+    FP32 model (``activation_stats_transformed.csv``), and after / before. ``transform``:
+    :func:`transquant.studies.queries.transform_frame`."""
     if transform is None or transform.empty or df.empty:
         return pd.DataFrame()
     runs = df.set_index("run_id")

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
+from ..core.progress import progress
 from ..data.tasks import batches, n_batches
 
 
@@ -26,8 +26,8 @@ def predictions(model: torch.nn.Module, items: list[dict], batch_size: int, pad_
     model.eval()
     order = length_order(items)
     preds, labels = [], []
-    for batch in tqdm(batches([items[i] for i in order], batch_size, pad_id),
-                      total=n_batches(len(items), batch_size), desc=desc, leave=False):
+    for batch in progress(batches([items[i] for i in order], batch_size, pad_id), desc,
+                          total=n_batches(len(items), batch_size)):
         labels.append(batch.pop("labels"))
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         preds.append(logits.argmax(-1).cpu())

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import models
 from ..core import cache, provenance
+from ..core.progress import Progress, transformers_bars_off
 from ..data.tasks import Task, batches, encode, n_batches
 from . import attention, regularizers
 from .regularizers import validate_train  # noqa: F401  (config validation of the knobs below)
@@ -61,7 +61,8 @@ def finetuned(model_cfg, task: Task, train_cfg, tokenizer, cache_dir: Path, devi
 
     def build(tmp: Path) -> None:
         model = train(model_cfg, task, train_cfg, tokenizer, device)
-        model.save_pretrained(tmp)
+        with transformers_bars_off():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         cache.write_json_atomic(tmp / HISTORY_FILE, model.train_history)
         cache.write_json_atomic(tmp / "transquant_meta.json", {
@@ -114,7 +115,7 @@ def train(model_cfg, task: Task, cfg, tokenizer, device: torch.device) -> torch.
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg.schedule, s, warmup, total))
     model.train()
-    bar = tqdm(total=total, desc="fine-tune", leave=False)
+    bar = Progress("fine-tune", total)
     started = time.perf_counter()
     for epoch in range(cfg.epochs):
         for batch in batches(items, cfg.batch_size, tokenizer.pad_token_id, shuffle_seed=cfg.seed + epoch):
@@ -138,8 +139,7 @@ def train(model_cfg, task: Task, cfg, tokenizer, device: torch.device) -> torch.
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            bar.update(epoch=epoch, loss=f"{loss.item():.3f}")
     bar.close()
     model.train_seconds = time.perf_counter() - started
     model.train_history = hist
