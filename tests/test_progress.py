@@ -89,6 +89,16 @@ def test_model_saves_and_loads_show_no_transformers_bar(tmp_path, capfd):
     assert hf_logging.set_tqdm_hook(None) is None  # transformers' bars are back for everyone else
 
 
+def test_a_new_head_is_one_line_not_a_load_report(tmp_path, capfd):
+    """A base checkpoint lacks the classification head: one plain line says so, instead of
+    transformers' coloured multi-line LOAD REPORT."""
+    tiny_bert().bert.save_pretrained(tmp_path)  # the encoder alone, as a hub checkpoint ships it
+    models.load_pretrained(OmegaConf.create({"name": "base", "name_or_path": str(tmp_path)}), num_labels=2, seed=0)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "\x1b[" not in out + err
+    assert "model base: loaded; new (fine-tuned from scratch): classifier.bias, classifier.weight" in out
+
+
 def multirun_cfg(task: list[str], num: int = 0, params: dict | None = None, target: str = BASIC, **sweeper):
     return OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "job": {"num": num}, "overrides": {"task": task},
                                        "sweeper": {"_target_": target, "params": params, **sweeper}}})

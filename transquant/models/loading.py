@@ -172,9 +172,10 @@ def load_pretrained(cfg, num_labels: int, seed: int, pad_token_id: int | None = 
         check_local_checkpoint(loc)
     torch.manual_seed(seed)
     try:
-        model = _classifier(loc, num_labels=num_labels)
+        model, info = _quiet_classifier(loc, num_labels=num_labels)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"model {loc}: cannot load as a sequence classifier: {str(err).splitlines()[0]}") from err
+    print(load_summary(cfg.name, info), flush=True)
     _check_architecture(cfg, model.config)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id()
@@ -185,6 +186,29 @@ def _classifier(location: str, **kwargs):
     """``from_pretrained`` of a sequence classifier, without its "Loading weights" bar."""
     with transformers_bars_off():
         return AutoModelForSequenceClassification.from_pretrained(location, **kwargs)
+
+
+def _quiet_classifier(location: str, **kwargs):
+    """(model, loading info) of :func:`_classifier` without transformers' multi-line, coloured
+    load report: the caller says in one line what it means for this load."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return _classifier(location, output_loading_info=True, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def load_summary(name: str, info: dict) -> str:
+    """One line for a log: which weights the checkpoint lacked (the new head, trained by the
+    fine-tune) and which of its weights the classifier does not use (e.g. a pretraining head)."""
+    new, unused = sorted(map(str, info.get("missing_keys", ()))), sorted(map(str, info.get("unexpected_keys", ())))
+    parts = [f"model {name}: loaded"]
+    if new:
+        parts.append(f"new (fine-tuned from scratch): {', '.join(new[:4])}{' …' if len(new) > 4 else ''}")
+    if unused:
+        parts.append(f"unused checkpoint weights: {len(unused)} ({unused[0]} …)")
+    return "; ".join(parts)
 
 
 def _check_architecture(cfg, conf: PretrainedConfig) -> None:
@@ -207,14 +231,9 @@ def load_finetuned(path: str | Path) -> torch.nn.Module:
     if not attention.gated_checkpoint(path):
         model = _classifier(str(path))
         return attention.install(model)  # a no-op for plain softmax
-    # The stock classes have no gates: their weights are "unexpected" to from_pretrained (which would
-    # print a report of them), are checked to be the only surprise, and are loaded after install().
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        model, info = _classifier(str(path), output_loading_info=True)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    # The stock classes have no gates: their weights are "unexpected" to from_pretrained, are
+    # checked to be the only surprise, and are loaded after install().
+    model, info = _quiet_classifier(str(path))
     wrong = [*info.get("missing_keys", ()), *info.get("mismatched_keys", ()),
              *(k for k in info.get("unexpected_keys", ()) if f".{attention.GATE}." not in k)]
     if wrong:
