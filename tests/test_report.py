@@ -470,8 +470,9 @@ def mitigations_store(tmp_path_factory):
         wb, ab = int(bits[1]), int(bits[3])
         for seed, acc in accs.items():
             off = seed - 1000
+            extra = {"transform_seconds": 7.0 + off} if method == "smoothquant" else {}
             m, pred = _with_predictions(_quantized(MIT_FP32[seed], acc, calibration_seconds=1.0 + off
-                                                   if method == "w8a8" else 3.0))
+                                                   if method == "w8a8" else 3.0, **extra))
             if (method, bits, gran) == ("smoothquant", "W8A8", "tensor"):
                 pred = None  # intervals logged, predictions not stored: nothing to pair with
             tables = {"activation_stats.csv": _stats_table(FP32_STATS)}
@@ -508,12 +509,12 @@ def test_report_mitigations_tables(mitigations_store, tmp_path):
     assert (r.seeds, r.accuracy_median, r.accuracy_min, r.accuracy_max) == (2, 81.0, 80.0, 82.0)
     assert (r.drop_median, r.drop_min, r.drop_max, r.fp32_accuracy_median) == (9.5, 9.0, 10.0, 90.5)
     assert math.isnan(r.accuracy_ci_low) and (r.significant_seeds, r.tested_seeds) == (2, 2)
-    assert r.calibration_seconds_median == 1.5
+    assert r.calibration_seconds_median == 1.5 and math.isnan(r.transform_seconds_median)  # no transform
     s = t.iloc[2]  # SmoothQuant W8A8 per tensor, one seed: its interval; drop 2 points = 4 examples, p = 0.125
     assert (s.seeds, s.accuracy_median, s.drop_median) == (1, 88.0, 2.0)
     assert (s.accuracy_ci_low, s.accuracy_ci_high) == pytest.approx(S.accuracy_ci(_correct(88.0)))
     assert (s.significant_seeds, s.tested_seeds) == (0, 1) and s.mcnemar_p_max == pytest.approx(0.125)
-    assert s.calibration_seconds_median == 3.0
+    assert s.calibration_seconds_median == 3.0 and s.transform_seconds_median == 7.0
     tex = (out / "mitigations.tex").read_text()
     lo, hi = S.accuracy_ci(_correct(88.0))
     assert "81.00 [80.00, 82.00]" in tex and "9.50 [9.00, 10.00]* & 2/2" in tex

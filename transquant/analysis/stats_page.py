@@ -13,7 +13,7 @@ import pandas as pd
 from ..core.html import esc, figure, table, write_page
 from .figures import make_figures
 from .results import ActivationStats
-from .suggest import MEASURED, Suggestion, rule_lines, site_verdicts
+from .suggest import MEASURED, MEASURED_COLUMNS, Suggestion, rule_lines, site_verdicts
 
 PAGE = "stats.html"
 FIGURE_CAPTIONS = {
@@ -92,7 +92,7 @@ def stats_page_body(stats: ActivationStats, suggestion: Suggestion, per_layer: p
     flagged = verdicts[verdicts["verdict"] != "ok"].drop(columns=["coarse", "concentrated"])
     m = stats.meta
     rules = "".join(f"<li>{esc(line)}</li>" for line in rule_lines())
-    measured = pd.DataFrame(MEASURED, columns=["method", "W8A8 accuracy (%)", "W8A6 accuracy (%)"])
+    measured = pd.DataFrame(MEASURED, columns=["method", *(f"{c} (%)" for c in MEASURED_COLUMNS)])
     channels = residual_channels(stats)
     parts = [
         f'<p class="note">FP32 statistics of {esc(m.get("label", "the model"))} over {esc(m.get("examples", "?"))} '

@@ -12,7 +12,7 @@ token-wise site with three measured numbers and the activation bits A:
   times the median channel's: the ones PEG must isolate.
 
 No coarse site: per-tensor ranges suffice. Below :data:`STATIC_MIN_ACT_BITS` activation bits:
-per-token dynamic ranges. Otherwise coarse *and* concentrated sites get PEG with gap grouping
+per-token dynamic ranges. Weights below :data:`PRESET_BITS` bits: per-output-channel weight grids. Otherwise coarse *and* concentrated sites get PEG with gap grouping
 and one group per outlier channel (up to :data:`PEG_MAX_GROUPS` groups), or 16 bits where they
 have more outlier channels than that; coarse but spread sites alone get MSE (clipping) ranges.
 The measurements behind each branch are :data:`MEASURED` (MiniLM-L6, docs/RESULTS.md
@@ -44,21 +44,25 @@ PEG_MAX_GROUPS = 6
 # At W8A6 every static-range method lost 5.9-31 points on MiniLM, per-token dynamic ranges 0.4.
 STATIC_MIN_ACT_BITS = 8
 PRESET_BITS = 8  # the weight and activation bits of every preset the rule suggests
-MIN_MEASURED_ACT_BITS = 6  # the lowest activation width behind the rule (W8A6)
+# With 6- or 4-bit weights on a per-tensor grid every method was at chance on MiniLM; per output
+# channel, dynamic W6A6 kept 81.1 and mixed W4A8 76.9 (FP32 80.9).
+CHANNEL_WEIGHTS_BELOW = PRESET_BITS
+MEASURED_BUDGETS = ((8, 8), (8, 6), (6, 6), (4, 8))  # (weight bits, activation bits) behind the rule
 
-# Accuracy (%) of the fine-tuned MiniLM-L6 on qnli-squad, seed 1000, per-tensor weights:
-# (method, W8A8, W8A6). Source: docs/RESULTS.md "Mitigations at W8A8 and W8A6".
+# Accuracy (%) of the fine-tuned MiniLM-L6 on qnli-squad, seed 1000: (method, W8A8 and W8A6 with
+# per-tensor weights, W6A6 and W4A8 with per-channel weights). Source: docs/RESULTS.md "Mitigations".
+MEASURED_COLUMNS = ("W8A8 tensor", "W8A6 tensor", "W6A6 channel", "W4A8 channel")
 MEASURED = (
-    ("FP32", 80.91, 80.91),
-    ("w8a8 (per-tensor min-max)", 64.84, 51.38),
-    ("mse", 81.23, 75.04),
-    ("dynamic (per token)", 80.81, 80.52),
-    ("mixed_paper (16-bit FFN input, output, residual sum)", 81.73, 71.42),
-    ("peg_paper (K=6 sorted)", 81.55, 68.70),
-    ("peg K=2 gap", 80.17, 60.52),
-    ("smoothquant", 64.94, 50.28),
-    ("outlier_suppression", 71.28, 50.00),
-    ("os_plus", 58.71, 50.00),
+    ("FP32", 80.91, 80.91, 80.91, 80.91),
+    ("w8a8 (min-max)", 64.84, 51.38, 49.72, 50.00),
+    ("mse", 81.23, 75.04, 50.00, 65.90),
+    ("dynamic (per token)", 80.81, 80.52, 81.06, 50.46),
+    ("mixed_paper (16-bit FFN input, output, residual sum)", 81.73, 71.42, 69.41, 76.91),
+    ("peg_paper (K=6 sorted)", 81.55, 68.70, 56.16, 76.03),
+    ("peg K=2 gap", 80.17, 60.52, 54.11, 51.03),
+    ("smoothquant", 64.94, 50.28, 50.25, 49.96),
+    ("outlier_suppression", 71.28, 50.00, 50.00, 50.04),
+    ("os_plus", 58.71, 50.00, 50.67, 50.00),
 )
 
 # Which profile.engine runs each suggested method (conf/profile/default.yaml).
@@ -152,6 +156,8 @@ def _line(method: str, weight_bits: int, act_bits: int, **knobs) -> str:
     for key, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
         if bits != PRESET_BITS:
             parts.append(f"quant.{key}={bits}")
+    if weight_bits < CHANNEL_WEIGHTS_BELOW:
+        parts.append("quant.weight_granularity=channel")
     for key, value in knobs.items():
         parts.append(f"quant.{key}=[{','.join(value)}]" if isinstance(value, list) else f"quant.{key}={value}")
     return " ".join(shlex.quote(p) for p in parts)
@@ -177,8 +183,12 @@ def suggest(stats: ActivationStats, weight_bits: int = 8, act_bits: int = 8) -> 
     budget = f"W{weight_bits}A{act_bits}"
     hot = df[df["coarse"] & df["concentrated"]]
     spread = df[df["coarse"] & ~df["concentrated"]]
-    caveat = (f" {budget} is outside the measured budgets (W8A8, W8A6): the rule extrapolates."
-              if weight_bits < PRESET_BITS or act_bits < MIN_MEASURED_ACT_BITS else "")
+    measured = ", ".join(f"W{w}A{a}" for w, a in MEASURED_BUDGETS)
+    caveat = (f" {budget} is outside the measured budgets ({measured}): the rule extrapolates."
+              if (weight_bits, act_bits) not in MEASURED_BUDGETS else "")
+    if weight_bits < CHANNEL_WEIGHTS_BELOW:
+        caveat = (f" {weight_bits}-bit weights get one grid per output channel: on a per-tensor grid every "
+                  f"method fell to chance at W6A6 and W4A8 on MiniLM.") + caveat
     if hot.empty and spread.empty:
         return Suggestion("w8a8", _line("w8a8", weight_bits, act_bits),
                           f"At {budget} no site is coarse: every site's median |x| spans at least "
@@ -239,6 +249,8 @@ def rule_lines() -> list[str]:
         "No coarse site: quant=w8a8, per-tensor min-max ranges.",
         f"A below {STATIC_MIN_ACT_BITS} and some coarse site: quant=dynamic, per-token ranges (at W8A6 the only "
         f"method within 2 points of FP32).",
+        f"Weights below {CHANNEL_WEIGHTS_BELOW} bits: quant.weight_granularity=channel, one grid per output "
+        f"channel, whatever the method.",
         f"Coarse and concentrated sites with at most {PEG_MAX_GROUPS - 1} outlier channels each: quant=peg "
         f"quant.grouping=gap at those sites, K = outlier channels + 1 (at least 2): the bulk one group, each "
         f"outlier channel its own.",

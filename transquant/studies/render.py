@@ -109,6 +109,7 @@ def latex_mitigations(t: pd.DataFrame) -> pd.DataFrame:
                                      r.tested_seeds > 0 and r.significant_seeds == r.tested_seeds) for r in t.itertuples()],
         "Significant seeds": [f"{r.significant_seeds}/{r.tested_seeds}" if r.tested_seeds else "" for r in t.itertuples()],
         "Calibration (s)": t["calibration_seconds_median"].map(_fmt),
+        "Transform (s)": t["transform_seconds_median"].map(_fmt),
     })
 
 
@@ -223,8 +224,9 @@ CAPTIONS = {
                     f"the drop is paired with FP32 on the same examples. * = significant, by the rule {RULE}.",
     "mitigations": f"Brackets: [min, max] over seeds; with one seed, the run's 95 % percentile-bootstrap interval "
                    f"over the validation examples. * = the drop vs FP32 is significant on every seed, by the rule "
-                   f"{RULE}. Calibration: median seconds of the activation calibration (the transform's own time is "
-                   f"not logged).",
+                   f"{RULE}. Calibration / Transform: median seconds of the activation calibration and of the "
+                   f"transform's statistics pass and search (SmoothQuant, OS, OS+), as measured on the machine that "
+                   f"ran them.",
     "mitigations_pivot": "Cells: median accuracy (%) over seeds. Columns: bit setting and weight granularity.",
     "best_per_bits": f"Best: highest median accuracy. {WITHIN_BEST}: methods the best does not beat on every seed "
                      f"by the rule {RULE}; untested: no stored predictions to pair.",

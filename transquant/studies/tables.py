@@ -287,7 +287,8 @@ def _per_seed(grp: pd.DataFrame, value: str):
 def table_mitigations(df: pd.DataFrame) -> pd.DataFrame:
     """Per bit setting x method x weight granularity: accuracy median [min, max] over seeds (and
     the run's 95 % interval when there is one seed), FP32, drop vs FP32 (paired per seed), on how
-    many seeds the drop is significant (McNemar p < 0.05) and the median calibration seconds."""
+    many seeds the drop is significant (McNemar p < 0.05) and the median seconds of calibration and
+    of the transform (SmoothQuant / OS / OS+: its statistics pass and search; none for the others)."""
     d = mitigation_runs(df)
     if d.empty:
         return pd.DataFrame()
@@ -297,7 +298,8 @@ def table_mitigations(df: pd.DataFrame) -> pd.DataFrame:
         latest = latest_mitigation_runs(grp)
         one = acc.n == 1 and "accuracy_ci_low" in latest
         p = latest["mcnemar_p"].dropna() if "mcnemar_p" in latest else pd.Series(dtype=float)
-        cal = grp["calibration_seconds"].dropna() if "calibration_seconds" in grp else pd.Series(dtype=float)
+        cal, tr = (grp[c].dropna() if c in grp else pd.Series(dtype=float)
+                   for c in ("calibration_seconds", "transform_seconds"))
         rows.append({"bits": bits, "weight_granularity": gran, "method": method, "seeds": acc.n,
                      "accuracy_median": acc.median, "accuracy_min": acc.min, "accuracy_max": acc.max,
                      "accuracy_ci_low": latest["accuracy_ci_low"].iloc[-1] if one else math.nan,
@@ -305,7 +307,8 @@ def table_mitigations(df: pd.DataFrame) -> pd.DataFrame:
                      "fp32_accuracy_median": fp32.median, "drop_median": drop.median, "drop_min": drop.min,
                      "drop_max": drop.max, "significant_seeds": int((p < ALPHA).sum()), "tested_seeds": len(p),
                      "mcnemar_p_max": p.max() if len(p) else math.nan,
-                     "calibration_seconds_median": cal.median() if len(cal) else math.nan})
+                     "calibration_seconds_median": cal.median() if len(cal) else math.nan,
+                     "transform_seconds_median": tr.median() if len(tr) else math.nan})
     return pd.DataFrame(rows)
 
 
