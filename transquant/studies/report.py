@@ -26,12 +26,14 @@ ablation_bits               activation bit width per method family
 calibration                 accuracy and drop vs FP32 by number of calibration sequences (runs of several sizes)
 mitigations                 per bit setting x method x weight granularity (studies that vary weight widths or
                             granularity, +experiment=mitigations): accuracy median [min, max] (one seed: its 95 %
-                            interval), drop vs FP32, seeds with a significant drop, median calibration seconds
+                            interval), drop vs FP32, seeds with a significant drop, median calibration and
+                            transform seconds
 mitigations_pivot           median accuracy: methods x (bit setting, weight granularity)
 best_per_bits               per bit setting x granularity: the best method and those not significantly below it
                             (paired McNemar on the stored predictions, every seed)
 transform_effect            per transform run (SmoothQuant, OS, OS+) and site kind: max over layers of max_abs and
-                            kurtosis before (stats.*) and after (transformed.*) the transform, and their ratio
+                            kurtosis before and after the transform (the run's activation_stats and
+                            activation_stats_transformed tables), and their ratio
 search_trials               Optuna trials in order, best / Pareto flags
 timing                      wall-time split from the *_seconds metrics
 runs                        every child run: id, seed, method, metrics
