@@ -87,9 +87,11 @@ def write_index(root: str | Path) -> Path:
 
 
 def _examples(df: pd.DataFrame) -> tuple[int | None, float | None]:
-    """The largest validation set the runs logged (``eval_examples``) and their median accuracy."""
+    """The largest validation set the runs logged (``eval_examples``) and the accuracy the note
+    speaks of: the median FP32 accuracy (where the good methods are), else the median accuracy."""
     n = df["eval_examples"].max() if "eval_examples" in df else None
-    acc = df["accuracy"].median() if "accuracy" in df else None
+    col = next((c for c in ("fp32_accuracy", "accuracy") if c in df and df[c].notna().any()), None)
+    acc = df[col].median() if col else None
     return (int(n) if pd.notna(n) else None), (float(acc) if pd.notna(acc) else None)
 
 
