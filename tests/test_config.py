@@ -37,6 +37,7 @@ BAD = [
     (["train.max_length=4"], "train.max_length=4"),
     (["calibration.num_batches=0"], "calibration.num_batches=0"),
     (["profile.fp32_attention=flash"], "profile.fp32_attention=flash: allowed sdpa, eager"),
+    (["profile.op_profile_runs=-1"], r"profile.op_profile_runs=-1: must be an integer >= 0 \(0 = no op profile\)"),
     (["profile.engine=tensorrt"], "profile.engine=tensorrt: allowed onnxruntime, torch, none"),
     (["hardware.device=tpu"], "hardware.device=tpu: allowed cpu, cuda"),
     (["tracking.uri=ftp://x/y"], "tracking.uri=ftp://x/y: unsupported scheme"),

@@ -26,7 +26,8 @@ HEADLINE = {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "fp32_accuracy", 
             "calibration_seconds", "eval_seconds", "transform_seconds", "stats_seconds", "stats_fp32_pass_seconds",
             "quantized_activation_sites", "engine_int8_matmuls", "engine_float_matmuls", "engine_code_agreement",
             "outlier_error_share", "kurtosis", "variance", "top1pct_channel_energy", "max_abs", "sqnr_db"}
-TABLES = ("activation_stats", "activation_stats_transformed", "quantization_error", "profile_candidates")
+TABLES = ("activation_stats", "activation_stats_transformed", "quantization_error", "profile_candidates",
+          "engine_op_profile")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,11 @@ def test_tables_hold_the_per_site_and_per_candidate_numbers(job, tmp_path):
     assert c.at["peer", "latency_p50_ms"] == pytest.approx(profile["peer_latency_p50_ms"])
     assert c.at["peer", "speedup_vs_torch_fp32"] == pytest.approx(profile["peer_speedup_vs_fp32"])
     assert c.at["ort_fp32", "speedup_vs_torch_fp32"] == pytest.approx(profile["ort_fp32_speedup_vs_torch_fp32"])
+
+    ops = pd.read_json(_artifact(client, run, "engine_op_profile.json", tmp_path), orient="split")
+    assert list(ops.columns[:4]) == ["op_type", "calls", "total_ms", "share"]
+    assert len(pd.read_csv(_artifact(client, run, "engine_op_profile.csv", tmp_path))) == len(ops)
+    assert run.data.tags["cpu_flags"] and run.data.tags["timing_loaded"] in ("true", "false")
 
 
 def test_report_reads_the_per_layer_numbers(job, tmp_path):

@@ -104,9 +104,20 @@ def test_default_config_is_the_papers():
                                            ("onnxruntime", "fp32")])
 def test_profile_stage_tiny(tmp_path, engine, method):
     fp32, model, state = quantized(method)
-    metrics, tags, artifacts = P.profile_stage(profile_cfg(engine=engine), HW, fp32, model, state, None, VAL, 0,
-                                               tmp_path)
+    metrics, tags, tables, artifacts = P.profile_stage(profile_cfg(engine=engine), HW, fp32, model, state, None,
+                                                       VAL, 0, tmp_path)
     assert KEYS <= set(metrics)
+    assert tags["cpu_flags"] and tags["cpu_model"] and tags["timing_loaded"] in ("true", "false")
+    assert metrics["timing_lock_wait_seconds"] >= 0 and {"load_avg_before", "load_avg_after"} <= set(metrics)
+    if engine == "onnxruntime":  # ORT's profiler on the engine, its trace removed
+        ops = tables["engine_op_profile"]
+        assert list(ops.columns[:4]) == ["op_type", "calls", "total_ms", "share"]
+        assert ops["share"].sum() == pytest.approx(1.0) and (ops["calls"] > 0).all()
+        assert not list(tmp_path.rglob("ort_profile*"))
+        if method != "fp32":
+            assert "MatMulIntegerToFloat" in set(ops["op_type"]) and metrics["int8_peak_fraction"] > 0
+    else:
+        assert tables == {} and "int8_peak_fraction" not in metrics
     assert tags["engine"] == engine and tags["fp32_attention"] == "sdpa"
     assert metrics["speedup_vs_fp32"] == metrics["speedup_vs_torch_fp32"]
     if engine == "onnxruntime" and method != "fp32":
@@ -138,8 +149,8 @@ def test_profile_stage_stub_timer_gives_exact_ratio(tmp_path):
             return [30, 15, 20, 10][((self.i - 1) // 2) % 4] * 1_000_000  # block=2
 
     fp32, model, state = quantized("w8a8")
-    metrics, _, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, state, None, VAL, 0,
-                                    tmp_path, timer=Alternating())
+    metrics, _, _, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, state, None, VAL,
+                                       0, tmp_path, timer=Alternating())
     assert metrics["fp32_latency_p50_ms"] == 30 and metrics["latency_p50_ms"] == 10
     assert metrics["ort_fp32_latency_p50_ms"] == 15 and metrics["peer_latency_p50_ms"] == 20
     assert metrics["speedup_vs_torch_fp32"] == metrics["speedup_vs_fp32"] == 3
@@ -169,8 +180,8 @@ def test_fp32_baseline_is_a_fresh_sdpa_copy(tmp_path):
     use_tappable_attention(fp32)
     before = fp32.config._attn_implementation
     assert before != "sdpa"
-    _, tags, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, state, None, VAL, 0,
-                                 tmp_path)
+    _, tags, _, _ = P.profile_stage(profile_cfg(eval_engine_accuracy=False), HW, fp32, model, state, None, VAL, 0,
+                                    tmp_path)
     assert tags["fp32_attention"] == "sdpa" and fp32.config._attn_implementation == before
     assert P.torch_fp32(fp32, "eager").config._attn_implementation == "eager"
 

@@ -24,7 +24,13 @@ from .analysis.error_attribution import quantization_error
 from .analysis.figures import log_figures
 from .analysis.job import figure_k, job_statistics, stats_config
 from .analysis.statistics import fp32_statistics, sample_items
-from .analysis.to_mlflow import log_profile, log_quantization_error, log_statistics, log_transformed_statistics
+from .analysis.to_mlflow import (
+    log_profile,
+    log_quantization_error,
+    log_statistics,
+    log_table,
+    log_transformed_statistics,
+)
 from .core import cache, config, tracking
 from .core.errors import TransquantError
 from .core.provenance import FP32_EVAL_MODULES, fingerprint
@@ -221,9 +227,11 @@ def _profile(cfg, run: JobRun, fp32_model, model, state: QuantState, tokenizer, 
     FP32, ONNX Runtime FP32, the peer) in one run; the engine is built from ``state``."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transquant-profile-") as workdir:
-        values, tags, artifacts = profile_stage(cfg.profile, cfg.hardware, fp32_model, model, state, tokenizer,
-                                                val_items, tokenizer.pad_token_id, Path(workdir))
+        values, tags, tables, artifacts = profile_stage(cfg.profile, cfg.hardware, fp32_model, model, state,
+                                                        tokenizer, val_items, tokenizer.pad_token_id, Path(workdir))
         log_profile(run, {**values, "profile_seconds": time.perf_counter() - t0})
+        for name, table in tables.items():  # engine_op_profile: CSV + MLflow table, as profile_candidates
+            log_table(run, table, name)
         for k, v in tags.items():
             run.tag(k, v)
         for path in artifacts:

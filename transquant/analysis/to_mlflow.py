@@ -33,7 +33,7 @@ def _finite(v) -> float | None:
     return float(v) if v is not None and math.isfinite(v) else None
 
 
-def _log_table(run, df: pd.DataFrame, name: str) -> list[str]:
+def log_table(run, df: pd.DataFrame, name: str) -> list[str]:
     """``<name>.csv`` and the MLflow table ``<name>.json``; returns both names."""
     run.table(df, f"{name}.csv")
     run.client.log_table(run.run_id, data=df, artifact_file=f"{name}.json")
@@ -62,7 +62,7 @@ def log_statistics(run, stats: ActivationStats) -> list[str]:
                  "stats_cost_vs_fp32_pass": meta.get("stats_cost_vs_fp32_pass"),
                  "stats_fp32_pass_seconds": meta.get("fp32_pass_seconds"), "stats_examples": meta.get("examples"),
                  "stats_tokens": meta.get("tokens")})
-    names = _log_table(run, table, "activation_stats")
+    names = log_table(run, table, "activation_stats")
     _log_json(run, stats.outliers(), "outlier_channels.json")
     return names + ["outlier_channels.json"]
 
@@ -71,7 +71,7 @@ def log_transformed_statistics(run, stats: ActivationStats) -> list[str]:
     """The statistics of the FP32 model after a function-preserving transform (SmoothQuant, OS,
     OS+) as the table ``activation_stats_transformed``, to set beside ``activation_stats``: what
     the transform did to the tensors that get quantized."""
-    return _log_table(run, stats.table(), "activation_stats_transformed")
+    return log_table(run, stats.table(), "activation_stats_transformed")
 
 
 def _log_json(run, payload, name: str) -> None:
@@ -94,7 +94,7 @@ def log_quantization_error(run, df: pd.DataFrame) -> list[str]:
     _headline_curves(run, df.to_dict("records"), ("sqnr_db",))
     run.metrics({"outlier_error_share": _finite(outlier_error_share(df)),
                  "outlier_error_share.ffn_residual": _finite(outlier_error_share(df, (HEADLINE_KIND,)))})
-    return _log_table(run, df, "quantization_error")
+    return log_table(run, df, "quantization_error")
 
 
 def log_profile(run, values: dict[str, float]) -> list[str]:
@@ -107,4 +107,4 @@ def log_profile(run, values: dict[str, float]) -> list[str]:
     fp32_p50 = values.get("fp32_latency_p50_ms")
     for r in rows:
         r["speedup_vs_torch_fp32"] = fp32_p50 / r["latency_p50_ms"] if fp32_p50 else None
-    return _log_table(run, pd.DataFrame(rows), "profile_candidates")
+    return log_table(run, pd.DataFrame(rows), "profile_candidates")

@@ -100,6 +100,9 @@ def validate_static(cfg: DictConfig) -> None:
                 and cfg.profile.get("engine", "onnxruntime") == "onnxruntime"),
            "quant.estimator=dynamic: per-token ranges have no onnxruntime engine (static QDQ grids only); "
            "use profile.engine=torch or none, or profile.enabled=false")
+    runs = cfg.profile.get("op_profile_runs", 0)
+    _check(isinstance(runs, int) and not isinstance(runs, bool) and runs >= 0,
+           f"profile.op_profile_runs={runs}: must be an integer >= 0 (0 = no op profile)")
     attention = cfg.profile.get("fp32_attention", "sdpa")
     _check(attention in FP32_ATTENTIONS,
            f"profile.fp32_attention={attention}: allowed {', '.join(FP32_ATTENTIONS)}")

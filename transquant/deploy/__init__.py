@@ -93,5 +93,8 @@ Modules, in the order a build uses them:
 - :mod:`.build`: the ONNX Runtime INT8 build composed of the above
 - :mod:`.engines`: the ``profile.engine`` registry and its engines (plus ORT's dynamic INT8 peer)
 - :mod:`.timing`, :mod:`.memory`, :mod:`.profiling`: the pipeline's profile stage
-- :mod:`.bench`: the profile stage at BERT-base size with random weights
+- :mod:`.cpu`: the CPU's flags, its load and the machine-wide timing lock
+- :mod:`.op_profile`: ONNX Runtime's profiler on the engine, per op type
+- :mod:`.peak`: peak GEMM throughput of this machine (integer and float)
+- :mod:`.bench`: the profile stage at BERT-base size with random weights (or ``peak=true``)
 """

@@ -2,12 +2,17 @@
 size is known without downloading it.
 
     python -m transquant.bench_base methods=[mixed,w8a8] iterations=100 threads=4 out=bench.csv
+    python -m transquant.bench_base peak=true threads=2 out=peak.csv   # the machine's GEMM limit
 
 Builds ``BertForSequenceClassification(BertConfig())`` (hidden 768, 12 layers, 30522-token
 vocabulary) with seeded random weights, calibrates each method on random token sequences, and
 runs :func:`transquant.deploy.profiling.profile_stage`, the pipeline's own stage: PyTorch FP32 (sdpa
 attention), ONNX Runtime FP32, ORT's dynamic INT8 peer and the engine, interleaved. Accuracy is
 meaningless for random weights and is not evaluated.
+
+``peak=true`` measures instead what the CPU can do at ``threads``: GMAC/s of ONNX Runtime's
+integer GEMM (the engine's kernel) and float MatMul on ``peak_shapes`` (:mod:`.peak`), under the
+profile's timing lock, with the CPU's flags and load.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from ..core import cli
 from ..core.paths import CONF_PATH as CONF
 from ..quant.state import quantize_
+from .cpu import cpu_tags, is_loaded, load_average, timing_lock
+from .peak import parse_shape, peak_gemm
 from .profiling import profile_stage
 
 COLUMNS = ["method", "engine_precision", "latency_p50_ms", "latency_p95_ms", "throughput_seq_s", "peak_memory_mb",
@@ -76,7 +83,7 @@ def bench(methods=("mixed",), config: BertConfig | None = None, threads: int = 2
         for method in methods:
             model = copy.deepcopy(fp32)
             state = quantize_(model, quant_config(method), batches(calib, 16, 0), torch.device("cpu"))
-            metrics, tags, _ = profile_stage(profile, hardware, fp32, model, state, None, val, 0, root / method)
+            metrics, tags, _, _ = profile_stage(profile, hardware, fp32, model, state, None, val, 0, root / method)
             rows.append({"method": method, **metrics, **tags})
             del model, state
     df = pd.DataFrame(rows)
@@ -92,17 +99,50 @@ class Args:
     iterations: int = 100
     engine: str = "onnxruntime"
     out: Optional[str] = None  # write the table as CSV here
+    peak: bool = False  # instead of the methods: peak GEMM throughput of this machine (deploy/peak.py)
+    peak_shapes: List[str] = field(default_factory=lambda: ["1024x1024x1024", "1024x768x3072"])  # MxKxN
+    peak_runs: int = 20  # timed calls per kernel and shape (median), after 3 warm-up calls
+
+
+def peak_table(args: DictConfig) -> tuple[pd.DataFrame, str]:
+    """(the peak GEMM table of ``args``, a header line: CPU, flags, load); raises
+    :class:`~transquant.core.cli.CliError` naming a bad shape or count."""
+    shapes = [parse_shape(s) for s in args.peak_shapes]
+    bad = [s for s, got in zip(args.peak_shapes, shapes) if got is None]
+    if bad or not shapes:
+        raise cli.CliError(f"peak_shapes=[{','.join(map(str, args.peak_shapes))}]: "
+                           f"{'bad shape ' + repr(bad[0]) if bad else 'empty'}; allowed MxKxN with integers >= 1 "
+                           "(e.g. peak_shapes=[1024x768x3072])")
+    for key in ("peak_runs", "threads"):
+        if args[key] < 1:
+            raise cli.CliError(f"{key}={args[key]}: must be an integer >= 1")
+    tags = cpu_tags()
+    with timing_lock():
+        load = load_average()
+        df = peak_gemm(shapes, args.threads, runs=args.peak_runs)
+    # Read before this process ran any GEMM: only its single-threaded start-up is in the load (one thread).
+    loaded = is_loaded(load, 1)
+    df["cpu_flags"], df["cpu_model"] = tags["cpu_flags"], tags["cpu_model"]
+    df["load_avg_before"], df["timing_loaded"] = load, str(loaded).lower()
+    load_text = "unknown" if load is None else f"{load:.2f}"
+    return df, (f"{tags['cpu_model']}; flags: {tags['cpu_flags']}; 1-min load {load_text}"
+                + (" (loaded: timings are not this machine's)" if loaded else ""))
 
 
 def run(_: list[str], args: DictConfig) -> int:
     """Print the table of ``args`` (and write it to ``args.out``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    df = bench(list(args.methods), threads=args.threads, warmup=args.warmup, iterations=args.iterations,
-               engine=args.engine)
+    if args.peak:
+        df, header = peak_table(args)
+        shown, header = df[["kernel", "shape", "threads", "median_ms", "gmac_s"]], header + "\n"
+    else:
+        df = bench(list(args.methods), threads=args.threads, warmup=args.warmup, iterations=args.iterations,
+                   engine=args.engine)
+        shown, header = df[[c for c in COLUMNS if c in df]], ""
     if args.out:
         df.to_csv(args.out, index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(df[[c for c in COLUMNS if c in df]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        print(header + shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
 

@@ -17,6 +17,15 @@ What is measured
   MatMuls of the graph after ORT's optimizer, ``engine_code_agreement`` is the share of the
   engine's integer codes equal to the fake-quant model's, and the tag ``engine_precision``
   (e.g. ``W8A{8,16}``) says what is stored and computed (:mod:`transquant.deploy.verify`).
+- **The machine**: tags ``cpu_flags`` (the INT8/BF16 extensions present, :mod:`.cpu`) and
+  ``cpu_model``. The timing phase (interleaved passes, then the op profile) holds a machine-wide
+  lock (:func:`.cpu.timing_lock`) so two jobs never time at once (``timing_lock_wait_seconds``);
+  ``load_avg_before`` / ``load_avg_after`` are the 1-minute load average around the timed passes,
+  and ``timing_loaded`` = "true" flags a machine busy with other work (:func:`.cpu.is_loaded`).
+- **Where the time goes** (ORT engines, ``op_profile_runs`` > 0): ONNX Runtime's profiler over a
+  few passes after the timed ones, per op type, in the table ``engine_op_profile``
+  (:mod:`.op_profile`); ``int8_peak_fraction`` is the engine's integer GEMMs' GMAC/s over this
+  machine's peak for that kernel (:func:`.peak.int8_peak`).
 - **Peak memory** (``peak_memory_mb``): CPU — peak growth of the resident set of a *fresh*
   process that loads the artifact and runs ``mem_iterations`` passes of the timing batch, over
   its RSS before loading (the kernel's high-water mark VmHWM, reset by writing "5" to
@@ -53,13 +62,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..core.progress import transformers_bars_off
 from ..quant.state import QuantState
+from .cpu import cpu_tags, is_loaded, load_average, timing_lock
 from .engines import ENGINES, EngineJob, ort_dynamic_int8, require_engine
 from .export import export_onnx
 from .memory import MB, cuda_peak_growth, peak_rss_growth, probe_artifact, rss_bytes
+from .op_profile import int_gemm_gmac_s, op_profile
+from .peak import int8_peak
 from .runtime import (
     Engine,
     EngineError,
@@ -155,12 +168,14 @@ def build_candidates(cfg_profile, threads, fp32_model, quant_model, state: Quant
 # --- the stage ---------------------------------------------------------------------------------
 
 def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: QuantState, tokenizer, val_items,
-                  pad_id, workdir: Path, timer=None) -> tuple[dict[str, float], dict[str, str], list[Path]]:
+                  pad_id, workdir: Path, timer=None
+                  ) -> tuple[dict[str, float], dict[str, str], dict[str, pd.DataFrame], list[Path]]:
     """Profile PyTorch FP32, ORT FP32, the peer and the method's deployable engine in one
     interleaved run.
 
-    Returns (metrics, tags, artifact paths). ``state`` is what ``quantize_`` returned for
-    ``quant_model`` (or applied to it): the engine stores its weight codes and activation grids.
+    Returns (metrics, tags, tables, artifact paths); tables: ``engine_op_profile`` (ORT engines with
+    ``profile.op_profile_runs`` > 0). ``state`` is what ``quantize_`` returned for ``quant_model``
+    (or applied to it): the engine stores its weight codes and activation grids.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -216,9 +231,22 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
 
     timer = timer or timer_for(str(device) if kind.in_torch else "cpu")
     warmup, iters = int(cfg_profile.get("warmup", 100)), int(cfg_profile.get("iterations", 500))
-    t0 = time.perf_counter()
-    times = interleaved(runners, warmup, iters, int(cfg_profile.get("block", 10)), timer)
-    timing_s = time.perf_counter() - t0
+    op_runs = int(cfg_profile.get("op_profile_runs", 0)) if info.get("path") and not kind.in_torch else 0
+    timing_threads = int(threads or os.cpu_count() or 1)
+    with timing_lock() as lock_wait:  # timings of two jobs never overlap; the rest of the stage runs unlocked
+        load_before = load_average()
+        t0 = time.perf_counter()
+        times = interleaved(runners, warmup, iters, int(cfg_profile.get("block", 10)), timer)
+        timing_s = time.perf_counter() - t0
+        load_after = load_average()
+        # After the timed passes: the profiler's bookkeeping must not perturb them.
+        ops = op_profile(Path(info["path"]), threads, batch, op_runs, workdir) if op_runs else None
+        peak = int8_peak(threads) if ops is not None else None
+    loaded = is_loaded(load_before, timing_threads)
+    if loaded:
+        log.warning("profile timed on a loaded machine: 1-minute load average %.2f > %d timing thread(s) + 0.5; "
+                    "absolute latencies are not this machine's (ratios hold better, candidates are interleaved)",
+                    load_before, timing_threads)
     stats = {name: LatencyStats.from_ns(ts, bs) for name, ts in times.items()}
     s_fp, s_c = stats["fp32"], stats["engine"]
 
@@ -232,7 +260,14 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
         "fp32_latency_p50_ms": s_fp.p50_ms, "fp32_throughput_seq_s": s_fp.throughput_seq_s,
         "fp32_model_size_mb": fp32.size_bytes / MB,
         "profile_build_seconds": build_s, "profile_timing_seconds": timing_s,
+        "timing_lock_wait_seconds": lock_wait,
     }
+    for key, value in (("load_avg_before", load_before), ("load_avg_after", load_after)):
+        if value is not None:
+            metrics[key] = value
+    engine_gmac_s = int_gemm_gmac_s(ops) if ops is not None else None
+    if engine_gmac_s is not None and peak:
+        metrics["int8_peak_fraction"] = engine_gmac_s / peak
     for name, prefix in CANDIDATE_PREFIXES:
         if memory.get(name) is not None:
             metrics[prefix + "peak_memory_mb"] = memory[name]
@@ -265,7 +300,7 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
     tags = {"engine": info["engine"], "fp32_attention": info["fp32_attention"],
             "profile_memory_method": mem_method.get("engine", "unavailable"),
             "engine_build": str(info.get("build", ""))[:5000],
-            "profile_timer": type(timer).__name__}
+            "profile_timer": type(timer).__name__, "timing_loaded": str(loaded).lower(), **cpu_tags()}
     if "precision" in info:
         tags["engine_precision"] = info["precision"]
     out_report = {"metrics": metrics, "tags": tags, "threads": threads, "batch_size": bs, "seq_len": seq,
@@ -275,7 +310,8 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
                   "site_code_agreement": report.site_agreement if report is not None else {},
                   "load_memory_mb": load_mem, "peak_memory_mb": memory, "inference_memory_mb": infer_mem,
                   "memory_method": mem_method,
-                  "cpu_load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+                  "cpu_load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                  "engine_int_gemm_gmac_s": engine_gmac_s, "int8_peak_gmac_s": peak}
     out = workdir / "profile.json"
     out.write_text(json.dumps(out_report, indent=1, default=str))
     log.info("profile %s: p50 %.1f ms (PyTorch FP32 %s %.1f ms, x%.2f; ORT FP32 x%s; peer x%s), %.1f MB (x%.3f FP32)",
@@ -286,7 +322,8 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
     artifacts = [out]
     if info.get("path"):
         artifacts.append(Path(info["path"]))
-    return metrics, tags, artifacts
+    tables = {"engine_op_profile": ops} if ops is not None else {}
+    return metrics, tags, tables, artifacts
 
 
 def _main(argv=None) -> None:

@@ -110,8 +110,10 @@ ORT_CONFIG = {"optimization.disable_specified_optimizers": "WeightBiasQuantizati
               "session.qdq_matmulnbits_accuracy_level": "1"}
 
 
-def ort_session(path_or_bytes, threads: int | None, optimize: bool = True, optimized_path: Path | None = None):
-    """A CPU session; ``optimized_path`` saves the graph ORT's optimizer produced (what runs)."""
+def ort_session(path_or_bytes, threads: int | None, optimize: bool = True, optimized_path: Path | None = None,
+                profile_prefix: Path | None = None):
+    """A CPU session; ``optimized_path`` saves the graph ORT's optimizer produced (what runs);
+    ``profile_prefix`` turns ORT's profiler on (its JSON trace: ``end_profiling()``)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -126,6 +128,9 @@ def ort_session(path_or_bytes, threads: int | None, optimize: bool = True, optim
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile_prefix)
     src = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
@@ -151,5 +156,10 @@ def torch_timing_runner(model: nn.Module, batch: dict, device: torch.device, con
 def ort_timing_runner(path: Path, threads: int | None, batch: dict) -> Callable[[], Any]:
     """A callable running the ONNX model at ``path`` once on ``batch``."""
     sess = ort_session(Path(path), threads)
-    feeds = {i.name: np.ascontiguousarray(batch[i.name].cpu().numpy()) for i in sess.get_inputs()}
+    feeds = ort_feeds(sess, batch)
     return lambda: sess.run(None, feeds)
+
+
+def ort_feeds(sess, batch: dict) -> dict[str, np.ndarray]:
+    """The inputs ``sess`` names, from ``batch``, as contiguous numpy arrays."""
+    return {i.name: np.ascontiguousarray(batch[i.name].cpu().numpy()) for i in sess.get_inputs()}
