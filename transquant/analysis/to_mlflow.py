@@ -25,7 +25,7 @@ CANDIDATE_FIGURES = ("latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "thr
 # Profile values only in that table: the baselines' own figures the report does not compare across runs.
 PROFILE_TABLE_ONLY = frozenset({
     "latency_mean_ms", "load_memory_mb", "inference_memory_mb", "fp32_throughput_seq_s", "fp32_peak_memory_mb",
-    "fp32_load_memory_mb", "ort_fp32_latency_p50_ms", "ort_fp32_peak_memory_mb", "ort_fp32_speedup_vs_torch_fp32",
+    "fp32_load_memory_mb", "fp16_peak_memory_mb", "ort_fp32_latency_p50_ms", "ort_fp32_peak_memory_mb", "ort_fp32_speedup_vs_torch_fp32",
     "peer_latency_p50_ms", "peer_model_size_mb", "peer_peak_memory_mb", "peer_speedup_vs_fp32"})
 
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification
 
 from .. import models
 from ..deploy.engines import ENGINES
+from ..quant.precision import check_precision
 from ..quant.ptq import SHARE_GROUPS, WEIGHT_GRANULARITIES, plan_sites
 from ..quant.ranges import ESTIMATORS, GROUPINGS, WEIGHT_ESTIMATORS
 from ..quant.sites import ArchitectureError, Site, available, find_sites, select, unmatched
@@ -43,6 +44,13 @@ def _positive_int(name: str, value, allow_none: bool = False) -> None:
            f"{name}={value}: must be an integer >= 1{' or null' if allow_none else ''}")
 
 
+def check_device(key: str, device) -> None:
+    """``device`` is one of :data:`DEVICES`, and a GPU torch can see for cuda (else torch fails mid-job)."""
+    _check(device in DEVICES, f"{key}={device}: allowed {', '.join(DEVICES)}")
+    _check(device != "cuda" or torch.cuda.is_available(), f"{key}=cuda: no CUDA device visible to torch "
+           f"(torch {torch.__version__}); use {key}=cpu or install a CUDA build (README)")
+
+
 def writable_dir(name: str, value) -> None:
     """A directory we may create and write (checked, not created: bad input writes nothing)."""
     path = Path(str(value)).absolute()
@@ -57,6 +65,7 @@ def validate_static(cfg: DictConfig) -> None:
     q = cfg.quant
     for key in ("weight_bits", "act_bits", "high_bits"):
         _bits(f"quant.{key}", q[key])
+    check_precision(cfg.get("precision"), q)  # before the site lists it resolves into are read
     validate_transform(q)
     ESTIMATORS.check(q.estimator)
     WEIGHT_ESTIMATORS.check(q.weight_estimator)
@@ -107,10 +116,7 @@ def validate_static(cfg: DictConfig) -> None:
     _check(attention in FP32_ATTENTIONS,
            f"profile.fp32_attention={attention}: allowed {', '.join(FP32_ATTENTIONS)}")
     hw = cfg.hardware
-    _check(hw.device in DEVICES, f"hardware.device={hw.device}: allowed {', '.join(DEVICES)}")
-    if hw.device == "cuda":
-        _check(torch.cuda.is_available(), "hardware=cuda: no CUDA device visible to torch "
-               f"(torch {torch.__version__}); use hardware=cpu or install a CUDA build (README)")
+    check_device("hardware.device", hw.device)
     _positive_int("hardware.threads", hw.threads, allow_none=True)
     _check(cfg.on_error in ("stop", "continue"), f"on_error={cfg.on_error}: allowed stop, continue")
     _check(isinstance(cfg.resume, bool), f"resume={cfg.resume}: must be true or false")

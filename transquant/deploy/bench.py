@@ -3,12 +3,14 @@ size is known without downloading it.
 
     python -m transquant.bench_base methods=[mixed,w8a8] iterations=100 threads=4 out=bench.csv
     python -m transquant.bench_base peak=true threads=2 out=peak.csv   # the machine's GEMM limit
+    python -m transquant.bench_base device=cuda                         # PyTorch FP32/FP16 on the GPU
 
 Builds ``BertForSequenceClassification(BertConfig())`` (hidden 768, 12 layers, 30522-token
 vocabulary) with seeded random weights, calibrates each method on random token sequences, and
 runs :func:`transquant.deploy.profiling.profile_stage`, the pipeline's own stage: PyTorch FP32 (sdpa
 attention), ONNX Runtime FP32, ORT's dynamic INT8 peer and the engine, interleaved. Accuracy is
-meaningless for random weights and is not evaluated.
+meaningless for random weights and is not evaluated. ``device=cuda`` calibrates and runs the
+PyTorch candidates (FP32, FP16) on the GPU; the ONNX Runtime ones stay on the CPU (:data:`.runtime.ORT_PROVIDERS`).
 
 ``peak=true`` measures instead what the CPU can do at ``threads``: GMAC/s of ONNX Runtime's
 integer GEMM (the engine's kernel) and float MatMul on ``peak_shapes`` (:mod:`.peak`), under the
@@ -30,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import BertConfig, BertForSequenceClassification
 
 from ..core import cli
+from ..core.config import check_device
 from ..core.paths import CONF_PATH as CONF
 from ..quant.state import quantize_
 from .cpu import cpu_tags, is_loaded, load_average, timing_lock
@@ -38,8 +41,8 @@ from .profiling import profile_stage
 
 COLUMNS = ["method", "engine_precision", "latency_p50_ms", "latency_p95_ms", "throughput_seq_s", "peak_memory_mb",
            "model_size_mb", "speedup_vs_torch_fp32", "speedup_vs_ort_fp32", "speedup_vs_peer", "size_ratio_vs_fp32",
-           "fp32_latency_p50_ms", "ort_fp32_latency_p50_ms", "peer_latency_p50_ms", "engine_int8_matmuls",
-           "engine_float_matmuls", "engine_code_agreement", "fp32_attention"]
+           "fp32_latency_p50_ms", "fp16_latency_p50_ms", "ort_fp32_latency_p50_ms", "peer_latency_p50_ms",
+           "engine_int8_matmuls", "engine_float_matmuls", "engine_code_agreement", "fp32_attention"]
 
 
 def quant_config(method: str, **overrides):
@@ -62,27 +65,27 @@ def random_items(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
 
 def bench(methods=("mixed",), config: BertConfig | None = None, threads: int = 2, warmup: int = 20,
           iterations: int = 100, batch_size: int = 8, seq_len: int = 128, engine: str = "onnxruntime",
-          workdir: Path | None = None, seed: int = 0) -> pd.DataFrame:
+          workdir: Path | None = None, seed: int = 0, device: str = "cpu") -> pd.DataFrame:
     """One row of profile metrics per method for a random-weight model of ``config`` (BERT-base
     by default)."""
     from ..data.tasks import batches
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    fp32 = BertForSequenceClassification(config or BertConfig(num_labels=2)).eval()
+    fp32 = BertForSequenceClassification(config or BertConfig(num_labels=2)).eval().to(device)
     vocab = fp32.config.vocab_size
     calib = random_items(64, seq_len, vocab, seed)
     val = random_items(16, seq_len, vocab, seed + 1)
     profile = OmegaConf.create({"engine": engine, "warmup": warmup, "iterations": iterations, "block": 10,
                                 "batch_size": batch_size, "seq_len": seq_len, "eval_engine_accuracy": False,
                                 "weight_storage": "s8", "mem_iterations": 3, "fp32_attention": "sdpa"})
-    hardware = OmegaConf.create({"device": "cpu", "threads": threads})
+    hardware = OmegaConf.create({"device": device, "threads": threads})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         for method in methods:
             model = copy.deepcopy(fp32)
-            state = quantize_(model, quant_config(method), batches(calib, 16, 0), torch.device("cpu"))
+            state = quantize_(model, quant_config(method), batches(calib, 16, 0), torch.device(device))
             metrics, tags, _, _ = profile_stage(profile, hardware, fp32, model, state, None, val, 0, root / method)
             rows.append({"method": method, **metrics, **tags})
             del model, state
@@ -98,6 +101,7 @@ class Args:
     warmup: int = 20
     iterations: int = 100
     engine: str = "onnxruntime"
+    device: str = "cpu"  # cpu | cuda: where the PyTorch candidates run
     out: Optional[str] = None  # write the table as CSV here
     peak: bool = False  # instead of the methods: peak GEMM throughput of this machine (deploy/peak.py)
     peak_shapes: List[str] = field(default_factory=lambda: ["1024x1024x1024", "1024x768x3072"])  # MxKxN
@@ -136,8 +140,9 @@ def run(_: list[str], args: DictConfig) -> int:
         df, header = peak_table(args)
         shown, header = df[["kernel", "shape", "threads", "median_ms", "gmac_s"]], header + "\n"
     else:
+        check_device("device", args.device)
         df = bench(list(args.methods), threads=args.threads, warmup=args.warmup, iterations=args.iterations,
-                   engine=args.engine)
+                   engine=args.engine, device=args.device)
         shown, header = df[[c for c in COLUMNS if c in df]], ""
     if args.out:
         df.to_csv(args.out, index=False)

@@ -123,7 +123,7 @@ class EngineKind:
     """One value of ``profile.engine``, registered with ``@ENGINES.register(name)``."""
 
     packages: tuple[tuple[str, str], ...] = ()  # (module to import, pip name) it needs
-    in_torch = True  # runs in PyTorch: timed with the job device's clock, GPU memory measured there
+    on_device = True  # runs on the job's device (PyTorch): timed with its clock, GPU memory measured there
 
     @classmethod
     def build(cls, job: EngineJob) -> BuiltEngine:
@@ -142,7 +142,7 @@ class OnnxRuntimeEngine(EngineKind):
     """Our calibrated grids as QDQ nodes on integer kernels (the module docstring)."""
 
     packages = (("onnxruntime", "onnxruntime"), ("onnx", "onnx"))
-    in_torch = False
+    on_device = False
 
     @classmethod
     def build(cls, job: EngineJob) -> BuiltEngine:
@@ -160,6 +160,8 @@ class OnnxRuntimeEngine(EngineKind):
 @ENGINES.register("torch")
 class TorchEngine(EngineKind):
     """``torch.ao`` dynamic INT8 with our int8 weights; activations quantized per batch, on CPU."""
+
+    on_device = False  # torch.ao's dynamic INT8 kernels are CPU-only, whatever the job's device
 
     @classmethod
     def build(cls, job: EngineJob) -> BuiltEngine:

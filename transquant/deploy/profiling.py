@@ -7,7 +7,8 @@ What is measured
   call; GPU: CUDA events. p50, p95, mean (ms) and throughput = batch_size / mean (sequences/s).
 - **Baselines**, each speed-up named after its own: PyTorch FP32 (a fresh copy of the fine-tuned
   model with ``profile.fp32_attention``, default ``sdpa`` as users run it; tag
-  ``fp32_attention``) -> ``speedup_vs_torch_fp32`` (= ``speedup_vs_fp32``); ONNX Runtime FP32
+  ``fp32_attention``) -> ``speedup_vs_torch_fp32`` (= ``speedup_vs_fp32``); on CUDA also that copy
+  in half precision, what GPU users serve -> ``speedup_vs_torch_fp16``; ONNX Runtime FP32
   of the very export the engine is built from -> ``speedup_vs_ort_fp32``; the peer, ORT's own
   dynamic INT8 of that export -> ``speedup_vs_peer``. ``bench_base`` runs the same stage.
 - **Interleaving**: all four are timed round-robin in blocks of ``block`` iterations, so load
@@ -18,8 +19,9 @@ What is measured
   engine's integer codes equal to the fake-quant model's, and the tag ``engine_precision``
   (e.g. ``W8A{8,16}``) says what is stored and computed (:mod:`transquant.deploy.verify`).
 - **The machine**: tags ``cpu_flags`` (the INT8/BF16 extensions present, :mod:`.cpu`) and
-  ``cpu_model``. The timing phase (interleaved passes, then the op profile) holds a machine-wide
-  lock (:func:`.cpu.timing_lock`) so two jobs never time at once (``timing_lock_wait_seconds``);
+  ``cpu_model``; on CUDA ``gpu_model``. The timing phase (interleaved passes, then the op profile)
+  holds a machine-wide lock (:func:`.cpu.timing_lock`) so two jobs never time at once
+  (``timing_lock_wait_seconds``);
   ``load_avg_before`` / ``load_avg_after`` are the 1-minute load average around the timed passes,
   and ``timing_loaded`` = "true" flags a machine busy with other work (:func:`.cpu.is_loaded`).
 - **Where the time goes** (ORT engines, ``op_profile_runs`` > 0): ONNX Runtime's profiler over a
@@ -41,9 +43,10 @@ What is measured
   initializers, or a saved PyTorch INT8 state dict), never a state dict of fake-quantized float
   tensors. ``size_ratio_vs_fp32`` divides by the FP32 artifact in the same format.
 
-On GPU the PyTorch candidates are timed with CUDA events when the engine is PyTorch too; with
-the ONNX Runtime engine (CPU only here) every candidate is timed with the host clock and the
-GPU runs end in ``torch.cuda.synchronize()``, so all candidates share one clock.
+On GPU the candidates are timed with CUDA events when the engine runs on the GPU too (``none``);
+with an engine that runs on the CPU (``onnxruntime``: CPU execution provider only; ``torch``:
+``torch.ao`` INT8 kernels are CPU-only) every candidate is timed with the host clock and the GPU
+runs end in ``torch.cuda.synchronize()``, so all candidates share one clock.
 
 Timers are injectable (``timer=`` anything with ``time(fn) -> nanoseconds``) so the statistics
 are tested with a stub.
@@ -86,7 +89,8 @@ from .timing import LatencyStats, interleaved, timer_for
 
 log = logging.getLogger("transquant")
 # Each candidate and the prefix of its metrics: ``peak_memory_mb`` is the engine's, ``peer_peak_memory_mb`` the peer's.
-CANDIDATE_PREFIXES = (("engine", ""), ("fp32", "fp32_"), ("ort_fp32", "ort_fp32_"), ("peer", "peer_"))
+CANDIDATE_PREFIXES = (("engine", ""), ("fp32", "fp32_"), ("fp16", "fp16_"), ("ort_fp32", "ort_fp32_"),
+                      ("peer", "peer_"))
 
 
 def memory_in_subprocess(kind: str, path: Path, batch: dict, threads, repeats: int, workdir: Path,
@@ -134,14 +138,18 @@ def torch_fp32(model, attention: str):
 def build_candidates(cfg_profile, threads, fp32_model, quant_model, state: QuantState, batch, sample,
                      workdir: Path, device: torch.device) -> tuple[dict[str, Candidate], dict]:
     """({name: candidate}, info): ``fp32`` (PyTorch, fresh copy, ``profile.fp32_attention``),
-    ``ort_fp32`` (ONNX Runtime FP32 of the export every ORT candidate starts from), ``peer`` (ORT
-    dynamic INT8 of that export) and ``engine``. ``ort_fp32`` and ``peer`` are skipped only when
+    ``fp16`` (that copy in half precision, on CUDA only: CPUs have no fast FP16 kernels), ``ort_fp32``
+    (ONNX Runtime FP32 of the export every ORT candidate starts from), ``peer`` (ORT dynamic INT8 of
+    that export) and ``engine``. ``ort_fp32`` and ``peer`` are skipped only when
     onnxruntime cannot be used."""
     engine = str(cfg_profile.get("engine", "onnxruntime"))
     require_engine(engine)
     fp32_torch = torch_fp32(fp32_model, str(cfg_profile.get("fp32_attention", "sdpa"))).to(device)
     info: dict[str, Any] = {"engine": engine, "fp32_attention": fp32_torch.config._attn_implementation}
     cands = {"fp32": Candidate("fp32", lambda: torch_timing_runner(fp32_torch, batch, device), None)}
+    if device.type == "cuda":
+        fp16_torch = copy.deepcopy(fp32_torch).half()
+        cands["fp16"] = Candidate("fp16", lambda: torch_timing_runner(fp16_torch, batch, device), None)
 
     fp32_onnx = None
     try:
@@ -221,7 +229,7 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
             continue
         load_mem[c.name] = None if before is None or after is None else max(0, after - before) / MB
         infer_mem[c.name] = None
-        torch_on_gpu = c.name == "fp32" or (c.name == "engine" and kind.in_torch)
+        torch_on_gpu = c.name in ("fp32", "fp16") or (c.name == "engine" and kind.on_device)
         if device.type == "cuda" and torch_on_gpu:
             memory[c.name], mem_method[c.name] = cuda_peak_growth(fn, mem_reps), "cuda"
         else:
@@ -229,9 +237,10 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
             memory[c.name] = None if infer_mem[c.name] is None else infer_mem[c.name] + (load_mem[c.name] or 0.0)
             mem_method[c.name] = "inprocess-" + m
 
-    timer = timer or timer_for(str(device) if kind.in_torch else "cpu")
+    timer = timer or timer_for(str(device) if kind.on_device else "cpu")
     warmup, iters = int(cfg_profile.get("warmup", 100)), int(cfg_profile.get("iterations", 500))
-    op_runs = int(cfg_profile.get("op_profile_runs", 0)) if info.get("path") and not kind.in_torch else 0
+    engine_onnx = cand.probe is not None and cand.probe[0] == "onnx"  # ORT's profiler reads ONNX engines only
+    op_runs = int(cfg_profile.get("op_profile_runs", 0)) if engine_onnx else 0
     timing_threads = int(threads or os.cpu_count() or 1)
     with timing_lock() as lock_wait:  # timings of two jobs never overlap; the rest of the stage runs unlocked
         load_before = load_average()
@@ -277,6 +286,9 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
         metrics["fp32_load_memory_mb"] = load_mem["fp32"]
     if infer_mem.get("engine") is not None:
         metrics["inference_memory_mb"] = infer_mem["engine"]
+    if "fp16" in stats:
+        metrics.update({"fp16_latency_p50_ms": stats["fp16"].p50_ms,
+                        "speedup_vs_torch_fp16": stats["fp16"].p50_ms / s_c.p50_ms})
     if "ort_fp32" in stats:
         s_o = stats["ort_fp32"]
         metrics.update({"ort_fp32_latency_p50_ms": s_o.p50_ms, "speedup_vs_ort_fp32": s_o.p50_ms / s_c.p50_ms,
@@ -303,6 +315,8 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
             "profile_timer": type(timer).__name__, "timing_loaded": str(loaded).lower(), **cpu_tags()}
     if "precision" in info:
         tags["engine_precision"] = info["precision"]
+    if device.type == "cuda":
+        tags["gpu_model"] = torch.cuda.get_device_name(device)
     out_report = {"metrics": metrics, "tags": tags, "threads": threads, "batch_size": bs, "seq_len": seq,
                   "warmup": warmup, "iterations": iters, "block": int(cfg_profile.get("block", 10)),
                   "stats": {k: asdict(v) for k, v in stats.items()},

@@ -108,6 +108,9 @@ def torch_runner(model: nn.Module, names: list[str]) -> Callable[[dict[str, np.n
 # accuracy level 4 (W8A32). Level 1 keeps its arithmetic float.
 ORT_CONFIG = {"optimization.disable_specified_optimizers": "WeightBiasQuantization",
               "session.qdq_matmulnbits_accuracy_level": "1"}
+# Every session runs on ORT's CPU execution provider, even on a GPU machine: the engines' QDQ graphs are
+# checked against its integer kernels, and the CUDA/TensorRT providers need onnxruntime-gpu.
+ORT_PROVIDERS = ["CPUExecutionProvider"]
 
 
 def ort_session(path_or_bytes, threads: int | None, optimize: bool = True, optimized_path: Path | None = None,
@@ -132,7 +135,7 @@ def ort_session(path_or_bytes, threads: int | None, optimize: bool = True, optim
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)
     src = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(src, so, providers=ORT_PROVIDERS)
 
 
 def ort_engine(name: str, path: Path, threads: int | None, names: list[str], info: dict | None = None) -> Engine:

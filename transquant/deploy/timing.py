@@ -33,7 +33,7 @@ class CudaTimer:
         fn()
         end.record()
         end.synchronize()
-        return int(start.elapsed_time(end) * 1e6)
+        return round(start.elapsed_time(end) * 1e6)  # float ms: round, truncation would lose a ns
 
 
 def timer_for(device: str) -> CpuTimer | CudaTimer:

@@ -14,6 +14,18 @@ from .pareto import best_mask
 from .tables import DEPTH_METRICS, bits_key, granularity_key, mitigation_runs
 
 
+def draw_front(ax, df: pd.DataFrame, objectives: list[str], directions: list[str]) -> pd.DataFrame:
+    """Every trial grey, the Pareto front red: ``objectives[1]`` on x, ``objectives[0]`` on y.
+    Returns the front, sorted along x."""
+    x_o, y_o = objectives[1], objectives[0]
+    d = df[df[x_o].notna() & df[y_o].notna()]
+    mask = np.asarray(best_mask(d, objectives, directions), dtype=bool)
+    ax.scatter(d[x_o], d[y_o], color="lightgray", edgecolor="gray", label="trials")
+    front = d[mask].sort_values(x_o, kind="stable")
+    ax.plot(front[x_o], front[y_o], "o-", color="C3", label="Pareto front")
+    return front
+
+
 def write_figures(tables: dict[str, pd.DataFrame], out: Path, objectives: list[str], directions: list[str],
                   df: pd.DataFrame) -> list[Path]:
     from matplotlib.figure import Figure  # object API on the Agg canvas: no pyplot global state
@@ -137,15 +149,10 @@ def write_figures(tables: dict[str, pd.DataFrame], out: Path, objectives: list[s
         fig.savefig(f, dpi=120, metadata={"Software": None}, bbox_inches="tight")
         files.append(f)
     if len(objectives) > 1 and all(o in df for o in objectives[:2]) and not df.empty:
-        x_o, y_o = objectives[1], objectives[0]
-        d = df[df[x_o].notna() & df[y_o].notna()]
-        mask = np.asarray(best_mask(d, objectives, directions), dtype=bool)
         fig, ax = subplots(figsize=(5, 3.5))
-        ax.scatter(d[x_o], d[y_o], color="lightgray", edgecolor="gray", label="trials")
-        front = d[mask].sort_values(x_o, kind="stable")
-        ax.plot(front[x_o], front[y_o], "o-", color="C3", label="Pareto front")
+        draw_front(ax, df, objectives, directions)
         ax.set_title("Search: Pareto front")
-        finish(fig, ax, "pareto.png", x_o, y_o)
+        finish(fig, ax, "pareto.png", objectives[1], objectives[0])
     if "table3_depth" in tables:
         t = tables["table3_depth"]
         stats = [c for c in DEPTH_METRICS if c in t]

@@ -9,16 +9,20 @@ sweep's parent MLflow run:
 * at the end (before the parent is closed) it logs the per-method seed statistics as parent
   metrics (``median_accuracy.<method>`` …, :func:`transquant.studies.seeds.study_metrics`) and, for an
   Optuna sweep, tags the best trial(s) ``transquant.best=true`` (the Pareto front for several
-  objectives, also ``transquant.pareto=true``) and the parent ``transquant.best_run_id``.
+  objectives, also ``transquant.pareto=true``) and the parent ``transquant.best_run_id``; with
+  several objectives it logs the front, its knee and the ``references`` presets on the parent
+  (:mod:`transquant.studies.front`).
 
 ``python -m transquant.search`` is ``python -m transquant.run`` for multi-objective searches: when
 the config has ``objectives: [accuracy, <metric>, …]`` it returns the tuple of those values
 (Optuna needs one value per direction), where ``<metric>`` is any metric of the job's run or one
-of the site counts of :func:`site_counts`, which it also logs on the job's run.
+of the site counts of :func:`site_counts`, which it also logs on the job's run. A job that failed
+(``on_error=continue``) returns NaNs, a failed Optuna trial; a missing objective is an error.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -56,16 +60,32 @@ def objectives_of(config: DictConfig) -> list[str]:
     return list(obj) if obj else ["accuracy"]
 
 
+def init_storage(storage) -> None:
+    """Create an Optuna sqlite storage's tables under a file lock beside the database: workers
+    started together would otherwise race on the schema (alembic's version row) and all but one
+    fail. Other RDBs: create the study once first (``optuna create-study``), then start the workers."""
+    if not storage or not str(storage).startswith("sqlite:///"):
+        return
+    import optuna
+    from filelock import FileLock
+
+    with FileLock(str(storage).removeprefix("sqlite:///") + ".lock"):
+        optuna.storages.RDBStorage(str(storage))
+
+
 class StudyCallback(Callback):
     """Tags a sweep's parent run as study ``name``; seed statistics and best trials at the end."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, references: list[str] | None = None) -> None:
         self.name = name
+        self.references = list(references or [])  # preset methods drawn beside a Pareto front (studies/front.py)
         self.parent: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from ..core.tracking import client_for
 
+        if sweeper_kind(config) == "optuna":  # before the sweeper opens the study
+            init_storage(OmegaConf.select(config, "hydra.sweeper.storage", default=None))
         self.parent = os.environ.get(PARENT_ENV)
         if not self.parent:
             log.warning("StudyCallback: no parent MLflow run (is the mlflow_parent callback configured?)")
@@ -95,7 +115,13 @@ class StudyCallback(Callback):
         df = children_frame(client, [self.parent])
         log_metrics(client, self.parent, study_metrics(df))
         if sweeper_kind(config) == "optuna":
-            mark_best(client, self.parent, df, objectives_of(config), directions_of(config))
+            objectives, directions = objectives_of(config), directions_of(config)
+            mark_best(client, self.parent, df, objectives, directions)
+            if len(objectives) > 1:
+                from .front import log_front
+
+                swept = list(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
+                log_front(client, self.parent, df, objectives, directions, swept, self.references)
 
 
 # --- multi-objective entry point ------------------------------------------------------------------
@@ -135,6 +161,8 @@ def objective_values(cfg: DictConfig, result) -> tuple[float, ...] | float:
     objectives = list(cfg.get("objectives") or [])
     if not objectives or isinstance(result, (tuple, list)):
         return result
+    if math.isnan(result):  # the job failed with on_error=continue: a failed trial, never a made-up value
+        return tuple(math.nan for _ in objectives)
     from ..core.tracking import client_for
 
     counts = site_counts(cfg)
@@ -151,12 +179,24 @@ def objective_values(cfg: DictConfig, result) -> tuple[float, ...] | float:
     return tuple(float(values[o]) for o in objectives)
 
 
+# Objectives only the profile stage logs (deploy/profiling.py): a job with profile.enabled=false cannot give them.
+PROFILE_OBJECTIVE_PREFIXES = ("latency_", "throughput_", "speedup_", "peak_memory", "model_size", "size_ratio")
+
+
+def check_objectives(cfg: DictConfig) -> None:
+    """Before the job runs: a profile metric as objective needs the profile stage."""
+    needs = [o for o in cfg.get("objectives") or [] if str(o).startswith(PROFILE_OBJECTIVE_PREFIXES)]
+    if needs and not cfg.profile.enabled:
+        raise TransquantError(f"objectives {needs} are measured by the profile stage; profile.enabled=false")
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig):
     from ..run import main as run_main
 
-    result = run_main.__wrapped__(cfg)  # exactly `python -m transquant.run`'s job (errors, on_error)
     try:
+        check_objectives(cfg)
+        result = run_main.__wrapped__(cfg)  # exactly `python -m transquant.run`'s job (errors, on_error)
         return objective_values(cfg, result)
     except TransquantError as err:
         print(f"transquant: error: {err}", file=sys.stderr)
