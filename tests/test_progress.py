@@ -116,9 +116,9 @@ def test_sweep_lines_count_jobs_and_give_an_eta():
     assert out.getvalue().splitlines() == [
         "job 1/3: quant.k=2",
         "job 1/3 done in 10.0s",
-        "job 2/3: quant.k=3, ETA 20.0s (mean job 10.0s)",
+        "job 2/3: quant.k=3, ETA 20.0s (typical job 10.0s)",
         "job 2/3 done in 20.0s",
-        "job 3/3: quant.k=4, ETA 15.0s (mean job 15.0s)",
+        "job 3/3: quant.k=4, ETA 20.0s (typical job 20.0s)",  # the first job (fine-tune) left out
         "job 3/3 failed after 30.0s"]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -143,8 +144,10 @@ def sweep_plan(config: DictConfig) -> tuple[int | None, frozenset[str]]:
 
 
 class SweepProgress(Callback):
-    """Hydra callback: ``job i/N: <overrides>, ETA ...`` as each job of a multirun starts (ETA: the
-    mean wall time of the jobs done so far times the jobs left) and its wall time as it ends.
+    """Hydra callback: ``job i/N: <overrides>, ETA ...`` as each job of a multirun starts and its
+    wall time as it ends. ETA: a typical job's wall time times the jobs left, typical being the
+    median of the jobs done after the first — the first usually pays the sweep's one-off work (the
+    fine-tune, the FP32 caches), which a mean would spread over every job left.
 
     Launchers that run jobs in other processes (joblib, submitit) get a pickled copy per job,
     which knows N but no earlier job's time: their lines have no ETA."""
@@ -169,9 +172,9 @@ class SweepProgress(Callback):
         own = [o for o in overrides if o not in self.shared] or overrides
         line = f"{self._name(config)}: {' '.join(own)}"
         if self.durations and self.jobs is not None:
-            mean = sum(self.durations) / len(self.durations)
+            typical = statistics.median(self.durations[1:] or self.durations)
             left = max(self.jobs - config.hydra.job.num, 1)
-            line += f", ETA {duration(mean * left)} (mean job {duration(mean)})"
+            line += f", ETA {duration(typical * left)} (typical job {duration(typical)})"
         self._write(line)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
