@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.config import writable_dir
+from ..core.config import positive_int, writable_dir
 from ..core.errors import TransquantError
 from ..core.paths import CONF_PATH
 
@@ -19,16 +19,9 @@ def stats_config(cfg: DictConfig) -> DictConfig:
 
 
 def validate_stats(s: DictConfig) -> None:
-    def positive(name, allow_none=False):
-        v = s[name]
-        if allow_none and v is None:
-            return
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise TransquantError(f"stats.{name}={v}: must be an integer >= 1{' or null' if allow_none else ''}")
-
-    positive("num_examples", allow_none=True)
-    positive("batch_size")
-    positive("top_k")
+    positive_int("stats.num_examples", s.num_examples, allow_none=True)
+    positive_int("stats.batch_size", s.batch_size)
+    positive_int("stats.top_k", s.top_k)
     if not (isinstance(s.reservoir, int) and not isinstance(s.reservoir, bool) and s.reservoir >= 0):
         raise TransquantError(f"stats.reservoir={s.reservoir}: must be an integer >= 0")
     for key in ("finetune", "enabled"):

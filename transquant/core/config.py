@@ -37,7 +37,8 @@ def _bits(name: str, value) -> None:
            f"{name}={value}: bits must be an integer in [2, 16] (or null for float)")
 
 
-def _positive_int(name: str, value, allow_none: bool = False) -> None:
+def positive_int(name: str, value, allow_none: bool = False) -> None:
+    """``value`` is an integer >= 1 (or None where allowed); the error names ``name``."""
     if allow_none and value is None:
         return
     _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -77,18 +78,18 @@ def validate_static(cfg: DictConfig) -> None:
         p = q.percentile
         _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100,
                f"quant.percentile={p}: must be a number in (0, 100]")
-    _positive_int("quant.k", q.k)
+    positive_int("quant.k", q.k)
     _check(isinstance(q.permute, bool), f"quant.permute={q.permute}: must be true or false")
     GROUPINGS.check(q.grouping)
     for key in ("act_sites", "act_exclude", "high_bits_sites", "peg_sites"):
         _check(all(isinstance(p, str) for p in q[key]), f"quant.{key}={list(q[key])}: must be a list of glob strings")
     _check(cfg.task.name in TASKS, f"task.name={cfg.task.name}: allowed {', '.join(TASKS)}")
-    _positive_int("task.max_train_samples", cfg.task.max_train_samples, allow_none=True)
-    _positive_int("task.max_eval_samples", cfg.task.max_eval_samples, allow_none=True)
+    positive_int("task.max_train_samples", cfg.task.max_train_samples, allow_none=True)
+    positive_int("task.max_eval_samples", cfg.task.max_eval_samples, allow_none=True)
     t = cfg.train
     _check(isinstance(t.lr, (int, float)) and t.lr > 0, f"train.lr={t.lr}: must be > 0")
     for key in ("epochs", "batch_size"):
-        _positive_int(f"train.{key}", t[key])
+        positive_int(f"train.{key}", t[key])
     _check(isinstance(t.max_length, int) and 8 <= t.max_length <= 512,
            f"train.max_length={t.max_length}: must be an integer in [8, 512]")
     _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
@@ -101,9 +102,9 @@ def validate_static(cfg: DictConfig) -> None:
     _check(t.attention == "softmax" or not cfg.profile.enabled,
            f"train.attention={t.attention}: the profiled engines export the stock attention, not this variant; "
            "use profile.enabled=false")
-    _positive_int("calibration.num_batches", cfg.calibration.num_batches)
-    _positive_int("calibration.batch_size", cfg.calibration.batch_size)
-    _positive_int("eval.batch_size", cfg.eval.batch_size)
+    positive_int("calibration.num_batches", cfg.calibration.num_batches)
+    positive_int("calibration.batch_size", cfg.calibration.batch_size)
+    positive_int("eval.batch_size", cfg.eval.batch_size)
     ENGINES.check(cfg.profile.get("engine", "onnxruntime"))
     _check(not (q.estimator == "dynamic" and q.act_bits is not None and cfg.profile.enabled
                 and cfg.profile.get("engine", "onnxruntime") == "onnxruntime"),
@@ -117,7 +118,7 @@ def validate_static(cfg: DictConfig) -> None:
            f"profile.fp32_attention={attention}: allowed {', '.join(FP32_ATTENTIONS)}")
     hw = cfg.hardware
     check_device("hardware.device", hw.device)
-    _positive_int("hardware.threads", hw.threads, allow_none=True)
+    positive_int("hardware.threads", hw.threads, allow_none=True)
     _check(cfg.on_error in ("stop", "continue"), f"on_error={cfg.on_error}: allowed stop, continue")
     _check(isinstance(cfg.resume, bool), f"resume={cfg.resume}: must be true or false")
     check_artifacts(cfg.tracking)
