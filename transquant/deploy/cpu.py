@@ -16,6 +16,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 log = logging.getLogger("transquant")
 
 # The extensions that decide INT8/BF16 GEMM speed on x86, in the order the tag lists them.
@@ -76,23 +78,16 @@ def lock_path() -> Path:
 
 @contextmanager
 def timing_lock(path: Path | None = None):
-    """Hold the machine-wide timing lock (``fcntl.flock``, released by the kernel if the process
-    dies); yields the seconds spent waiting for it. Where ``fcntl`` is missing, nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        yield 0.0
-        return
-    path = Path(path or lock_path())
+    """Hold the machine-wide timing lock (the project's ``filelock``, as the caches use; released
+    by the OS if the process dies); yields the seconds spent waiting for it."""
+    lock = FileLock(str(path or lock_path()))
     t0 = time.perf_counter()
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for the timing lock %s (another profile is timing)", path)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        waited = time.perf_counter() - t0
-        try:
-            yield waited
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for the timing lock %s (another profile is timing)", lock.lock_file)
+        lock.acquire()
+    try:
+        yield time.perf_counter() - t0
+    finally:
+        lock.release()
