@@ -38,6 +38,7 @@ def test_linear_schedule_unchanged_and_cosine_follows_hugging_face():
     ("train.schedule=step", "train.schedule=step"),
     ("train.max_grad_norm=0", "train.max_grad_norm=0"),
     ("train.weight_decay=-1", "train.weight_decay=-1"),
+    ("train.autocast=fp16", "train.autocast=fp16: allowed none, bf16"),
 ])
 def test_bad_recipe_values_are_refused(make_cfg, override, fragment):
     with pytest.raises(TransquantError, match=fragment):
@@ -53,6 +54,43 @@ def test_no_clipping_when_max_grad_norm_is_null(make_cfg, monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: called.append(1))
     finetune.train(cfg.model, task, cfg.train, tokenizer, torch.device("cpu"))
     assert not called
+
+
+def test_bf16_autocast_trains_a_different_float32_model(make_cfg, monkeypatch):
+    """train.autocast=bf16: the matmuls run in bfloat16 (the trained weights differ from the FP32
+    run's), the weights stay float32, and the regulariser still sees FP32 residual sums."""
+    from transquant.pipeline import prepare
+    common = ("train.epochs=1", "task.synthetic_train_size=32", "train.regularizer=quanttune",
+              "train.reg_weight=0.1", "train.margin=0.5")
+    fp32_cfg, bf16_cfg = make_cfg(*common), make_cfg(*common, "train.autocast=bf16")
+    _, task, tokenizer = prepare(fp32_cfg)
+    seen = []
+    real = finetune.regularizers.range_penalty
+    monkeypatch.setattr(finetune.regularizers, "range_penalty",
+                        lambda values, margin: seen.append({v.dtype for v in values}) or real(values, margin))
+    cpu = torch.device("cpu")
+    a = finetune.train(fp32_cfg.model, task, fp32_cfg.train, tokenizer, cpu)
+    b = finetune.train(bf16_cfg.model, task, bf16_cfg.train, tokenizer, cpu)
+    assert all(p.dtype == torch.float32 for p in b.parameters())
+    assert all(d == {torch.float32} for d in seen) and len(seen) == 2 * len(a.train_history["loss"])
+    w_a, w_b = a.classifier.weight, b.classifier.weight
+    assert not torch.equal(w_a, w_b) and torch.allclose(w_a, w_b, atol=0.05)  # same recipe, bf16 rounding
+
+
+@pytest.mark.parametrize("flags, ok", [("avx2 avx512f avx512_bf16", True), ("avx2 amx_bf16 amx_tile", True),
+                                       ("avx2 avx512f avx512_vnni", False)])
+def test_bf16_autocast_needs_bf16_instructions(make_cfg, monkeypatch, flags, ok):
+    from transquant.core import config
+    from transquant.deploy.cpu import cpu_info
+    info = f"model name\t: Test CPU\nflags\t\t: fpu {flags}\n"
+    monkeypatch.setattr(config, "cpu_info", lambda: cpu_info(info))
+    cfg = make_cfg("train.autocast=bf16")
+    if ok:
+        validate_static(cfg)
+    else:
+        with pytest.raises(TransquantError, match=r"train.autocast=bf16: this CPU \(Test CPU; avx2 avx512f avx512_vnni\)"):
+            validate_static(cfg)
+    config.check_autocast("bf16", "cuda")  # not a CPU: torch decides on the GPU
 
 
 def test_source_hash_follows_the_code(tmp_path, monkeypatch):

@@ -121,6 +121,9 @@ def test_the_cache_key_hashes_the_knobs_in_effect_only(make_cfg):
     c2 = key(make_cfg("train.attention=clipped_softmax", "train.clip_gamma=-0.1"))
     g1 = key(make_cfg("train.attention=gated"))
     assert len({base, c1, c2, g1}) == 4
+    assert key(make_cfg("train.autocast=none")) == base
+    b1 = key(make_cfg("train.autocast=bf16"))
+    assert b1 not in {base, k1, c1, g1}
 
 
 def test_variant_recipes_also_hash_the_site_code(make_cfg, monkeypatch):

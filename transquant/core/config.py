@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification
 
 from .. import models
+from ..deploy.cpu import cpu_info
 from ..deploy.engines import ENGINES
 from ..quant.precision import check_precision
 from ..quant.ptq import SHARE_GROUPS, WEIGHT_GRANULARITIES, plan_sites
@@ -50,6 +51,16 @@ def check_device(key: str, device) -> None:
     _check(device in DEVICES, f"{key}={device}: allowed {', '.join(DEVICES)}")
     _check(device != "cuda" or torch.cuda.is_available(), f"{key}=cuda: no CUDA device visible to torch "
            f"(torch {torch.__version__}); use {key}=cpu or install a CUDA build (README)")
+
+
+def check_autocast(autocast: str, device) -> None:
+    """bf16 autocast on a CPU without bf16 instructions runs emulated, slower than FP32: refuse it."""
+    if autocast != "bf16" or not str(device).startswith("cpu"):
+        return
+    flags, model = cpu_info()
+    _check(bool({"avx512_bf16", "amx_bf16"} & set(flags)),
+           f"train.autocast=bf16: this CPU ({model}; {' '.join(flags) or 'no relevant flags'}) has neither "
+           "avx512_bf16 nor amx_bf16, so bf16 would run emulated and slower than FP32; use train.autocast=none")
 
 
 def writable_dir(name: str, value) -> None:
@@ -118,6 +129,7 @@ def validate_static(cfg: DictConfig) -> None:
            f"profile.fp32_attention={attention}: allowed {', '.join(FP32_ATTENTIONS)}")
     hw = cfg.hardware
     check_device("hardware.device", hw.device)
+    check_autocast(t.get("autocast", "none"), hw.device)
     positive_int("hardware.threads", hw.threads, allow_none=True)
     _check(cfg.on_error in ("stop", "continue"), f"on_error={cfg.on_error}: allowed stop, continue")
     _check(isinstance(cfg.resume, bool), f"resume={cfg.resume}: must be true or false")

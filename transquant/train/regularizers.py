@@ -49,7 +49,11 @@ REGULARIZERS = ("none", "kurtosis", "quanttune")
 # The fine-tuning knobs this module and .attention add, each with the value that means "as before"
 # and the setting it belongs to (a knob matters only with that setting).
 KNOB_DEFAULTS = {"regularizer": "none", "reg_weight": None, "kurtosis_target": 3.0, "margin": None,
-                 "attention": "softmax", "clip_gamma": -0.03, "clip_zeta": 1.0, "gate_bias_init": 0.0}
+                 "attention": "softmax", "clip_gamma": -0.03, "clip_zeta": 1.0, "gate_bias_init": 0.0,
+                 "autocast": "none"}
+# Settings that are knobs themselves: hashed whenever they leave their "as before" value.
+SETTINGS = ("regularizer", "attention", "autocast")
+AUTOCASTS = ("none", "bf16")
 KNOBS_OF = {"kurtosis": ("reg_weight", "kurtosis_target"), "quanttune": ("reg_weight", "margin"),
             "clipped_softmax": ("clip_gamma", "clip_zeta"), "gated": ("gate_bias_init",)}
 
@@ -87,7 +91,7 @@ class ResidualRegularizer:
         if x.shape[:2] != self._mask.shape:
             raise TransquantError(f"site {site.name}: tensor {tuple(x.shape)} is not [batch, tokens, channels] "
                                   f"of the batch's mask {tuple(self._mask.shape)}")
-        self._values.append(x[self._mask])  # [non-pad tokens, channels], still in the graph
+        self._values.append(x[self._mask].float())  # [non-pad tokens, channels], still in the graph; FP32 under autocast
         return x
 
     @contextmanager
@@ -125,7 +129,7 @@ def effective_recipe(train_cfg) -> dict:
     out = {}
     for k in sorted(train_cfg):
         v = train_cfg[k]
-        if k in KNOB_DEFAULTS and k not in live and (k not in ("regularizer", "attention") or v == KNOB_DEFAULTS[k]):
+        if k in KNOB_DEFAULTS and k not in live and (k not in SETTINGS or v == KNOB_DEFAULTS[k]):
             continue
         out[k] = v
     return out
@@ -159,6 +163,8 @@ def validate_train(cfg_train) -> None:
         m = t.get("margin")
         check(_number(m) and m >= 0, f"train.margin={m}: must be a number >= 0 with train.regularizer=quanttune "
                                      "(the activation magnitude beyond which values are penalised)")
+    ac = t.get("autocast", "none")
+    check(ac in AUTOCASTS, f"train.autocast={ac}: allowed {', '.join(AUTOCASTS)}")
     att = t.get("attention", "softmax")
     check(att in ATTENTION_KINDS, f"train.attention={att}: allowed {', '.join(ATTENTION_KINDS)}")
     if att == "clipped_softmax":
