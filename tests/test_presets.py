@@ -155,3 +155,14 @@ def test_a_pattern_matching_nothing_lists_the_sites_and_roles(make_cfg):
     assert msg.startswith("quant.high_bits_sites: pattern(s) ['*.ffn.inptu'] match no site of tiny-gpt2; its sites "
                           "embeddings.sum, layer.<0-1>.{attn.norm, attn.qkv, ")
     assert msg.endswith("final.norm, logits; roles layer.<0-1>.ffn.input (here layer.<0-1>.ffn.norm)")
+
+
+def test_gemm_inputs_protocol_quantizes_only_what_gemms_read(make_cfg):
+    """+sites=gemm_inputs (the Outlier Suppression papers' protocol): every GEMM input of a post-LN
+    encoder is quantized, no residual sum, linear output or attention score is."""
+    cfg = make_cfg("+sites=gemm_inputs", "+method=os_plus", "+bits=w8a6")
+    sites = validate(cfg)
+    kinds = {s.kind for s in sites if s.name in plan_sites(sites, cfg.quant)}
+    assert kinds == {"embedding_norm", "attn_norm", "ffn_norm", "query", "key", "value", "attn_probs", "context",
+                     "ffn_intermediate", "pooler"}
+    assert cfg.quant.transform == "os_plus" and cfg.quant.act_bits == 6
