@@ -549,6 +549,7 @@ def test_report_mitigations_tables(mitigations_store, tmp_path):
     assert (attn.max_abs_before, attn.max_abs_after, attn.kurtosis_before, attn.kurtosis_after) == (8.0, 2.0, 30.0, 6.0)
 
     assert (out / "accuracy_vs_bits_methods.png").is_file()
+    assert not (out / "finetune_outliers.csv").exists()  # one fine-tune variant (the default): nothing to compare
     md = (out / "report.md").read_text()
     assert "Best method per bit setting" in md and "What each transform did" in md
     again = rp.report(["mitigations"], mitigations_store["uri"], tmp_path / "again", log=False)
@@ -579,7 +580,7 @@ def test_transform_frame_reads_each_table_once(mitigations_store):
 
 def test_report_without_mitigation_runs_writes_none_of_their_tables(synthetic, tmp_path):
     out = rp.report(["paper", "loo", "bits", "calibration"], synthetic["uri"], tmp_path / "none", log=False)
-    for name in ("mitigations", "mitigations_pivot", "best_per_bits", "transform_effect"):
+    for name in ("mitigations", "mitigations_pivot", "best_per_bits", "transform_effect", "finetune_outliers"):
         assert not (out / f"{name}.csv").exists() and not (out / f"{name}.tex").exists(), name
     assert not (out / "accuracy_vs_bits_methods.png").exists() and (out / "table1_accuracy.csv").is_file()
 

@@ -12,6 +12,7 @@ import functools
 import re
 
 from ..core.paths import CONF_PATH as CONF_DIR
+from ..train.knobs import KNOB_DEFAULTS
 
 # Display order of method families in every table (unknown families sort after, by name).
 FAMILY_ORDER = ("fp32", "w8a32", "w32a8", "w8a8", "mixed", "peg", "percentile", "mse", "dynamic", "smoothquant",
@@ -148,6 +149,48 @@ def method_label(q: dict, with_bits: bool = True, with_exclude: bool = True) -> 
     if with_exclude and get("act_exclude"):
         parts.append(f"excl {join_patterns(get('act_exclude'))}")
     return " ".join(parts)
+
+
+def finetune_label(params: dict[str, str]) -> str:
+    """The fine-tune variant of a run from its ``train.*`` params, named by its live knobs
+    (``kurtosis reg lambda=1e-07 (target 3)``, ``clipped softmax gamma=-0.03``, ``bf16 autocast``, joined
+    with ``, ``); ``""`` for the default variant, which is also what a run without these params ran."""
+    def get(k):
+        v = params.get(f"train.{k}")
+        return KNOB_DEFAULTS[k] if v is None else parse_param(v)
+
+    def changed(k) -> bool:
+        return get(k) != KNOB_DEFAULTS[k]
+
+    reg, att, ac = get("regularizer"), get("attention"), get("autocast")
+    parts = []
+    if reg == "kurtosis":
+        parts.append(f"kurtosis reg lambda={_num(get('reg_weight'))} (target {_num(get('kurtosis_target'))})")
+    elif reg == "quanttune":
+        parts.append(f"QuantTune reg lambda={_num(get('reg_weight'))} margin {_num(get('margin'))}")
+    elif reg != KNOB_DEFAULTS["regularizer"]:
+        parts.append(f"{reg} reg lambda={_num(get('reg_weight'))}")
+    if att == "clipped_softmax":
+        parts.append(f"clipped softmax gamma={_num(get('clip_gamma'))}" + (f" zeta={_num(get('clip_zeta'))}"
+                                                                          if changed("clip_zeta") else ""))
+    elif att == "gated":
+        parts.append("gated attention" + (f" (gate bias {_num(get('gate_bias_init'))})"
+                                          if changed("gate_bias_init") else ""))
+    elif att != KNOB_DEFAULTS["attention"]:
+        parts.append(f"{att} attention")
+    if ac != KNOB_DEFAULTS["autocast"]:
+        parts.append(f"{ac} autocast")
+    return ", ".join(parts)
+
+
+def finetune_suffix(finetune: str) -> str:
+    """What a method's name gets for a non-default fine-tune variant: `` [ft: <variant>]``."""
+    return f" [ft: {finetune}]" if finetune else ""
+
+
+def finetune_sort_key(finetune: str) -> tuple:
+    """The default variant first, then the others by name."""
+    return (finetune != "", finetune)
 
 
 def slug(label: str) -> str:

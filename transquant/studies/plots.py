@@ -113,6 +113,8 @@ def write_figures(tables: dict[str, pd.DataFrame], out: Path, objectives: list[s
         fig = Figure(figsize=(5 * len(grans), 4.2))
         axes = np.atleast_1d(fig.subplots(1, len(grans), sharey=True))
         runs = mitigation_runs(df)  # FP32: median over seeds (one checkpoint per seed)
+        if "finetune" in runs and (runs["finetune"] == "").any():  # of the default fine-tune variant's checkpoints
+            runs = runs[runs["finetune"] == ""]
         fp32 = (runs.groupby(runs["seed"].map(str))["fp32_accuracy"].mean().median()
                 if "fp32_accuracy" in runs and runs["fp32_accuracy"].notna().any() else math.nan)
         for ax, g in zip(axes, grans):

@@ -1,6 +1,7 @@
 """MLflow reads of a study: its parent run(s) by study name or run id, their job runs as the study
 table, the per-layer FP32 statistics of Table III, the statistics before and after each transform
-(``transform_effect``) and the paired comparisons of each bit setting's best method (``best_per_bits``)."""
+(``transform_effect``), the paired comparisons of each bit setting's best method (``best_per_bits``)
+and the FP32 statistics of each fine-tuned checkpoint (``finetune_outliers``)."""
 from __future__ import annotations
 
 import math
@@ -122,12 +123,14 @@ def depth_frame(client, df: pd.DataFrame) -> pd.DataFrame:
             found.sort(key=lambda r: (r.data.tags.get("transquant.role") != "stats", r.info.start_time, r.info.run_id))
             if found:
                 picked[c] = (found[0].info.run_id, parse_param(found[0].data.params.get("train.seed")))
+    variant = dict(zip(ckpt, df["finetune"])) if "finetune" in df else {}
     rows = []
     for c in sorted(picked):
         run_id, seed = picked[c]
         for metric in DEPTH_METRICS:
             for step, value in history(client, run_id, metric).items():
-                rows.append({"seed": seed, "run_id": run_id, "layer": step, "stat": metric, "value": value})
+                rows.append({"seed": seed, "run_id": run_id, "layer": step, "stat": metric, "value": value,
+                             "finetune": variant.get(c, "")})
     return pd.DataFrame(rows)
 
 
@@ -182,6 +185,26 @@ def transform_frame(client, df: pd.DataFrame) -> pd.DataFrame:
             after = _stats_rows(client, r["run_id"], "after", tmp)
             rows += [{"run_id": r["run_id"], **x} for x in before.get(ckpt, []) + after]
     return pd.DataFrame(rows, columns=["run_id", "kind", "stat", "when", "layer", "value"])
+
+
+def finetune_frame(client, df: pd.DataFrame) -> pd.DataFrame:
+    """Per fine-tuned checkpoint (tag ``checkpoint``) of a study with a non-default fine-tune
+    variant: ``max_abs`` and ``kurtosis`` per layer of each kind of
+    :data:`~transquant.studies.tables.TRANSFORM_KINDS` in its FP32 model's ``activation_stats.csv``,
+    downloaded once per checkpoint (from a run that logged the statistics' metrics, else its first
+    run). Empty for a study of the default variant alone: nothing is downloaded."""
+    cols = ["checkpoint", "run_id", "kind", "stat", "layer", "value"]
+    if df.empty or "finetune" not in df or "checkpoint" not in df or not (df["finetune"] != "").any():
+        return pd.DataFrame(columns=cols)
+    runs = df[df["checkpoint"].notna() & (df["checkpoint"] != "")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="transquant-report-") as tmp:
+        for ckpt, g in runs.groupby("checkpoint", sort=False):
+            logged = g[g["kurtosis"].notna()] if "kurtosis" in g else g.iloc[0:0]
+            run_id = (logged if not logged.empty else g)["run_id"].iloc[0]
+            rows += [{"checkpoint": ckpt, "run_id": run_id, **{k: x[k] for k in cols[2:]}}
+                     for x in _stats_rows(client, run_id, "before", tmp)]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def mitigation_pairs(client, df: pd.DataFrame) -> pd.DataFrame:

@@ -213,6 +213,7 @@ TITLES = {"table1_accuracy": "Table I — accuracy and drop vs FP32 (median [min
           "mitigations_pivot": "Mitigations at a glance — median accuracy (%)",
           "best_per_bits": "Best method per bit setting and weight granularity",
           "transform_effect": "What each transform did to the outliers (FP32 model before / after)",
+          "finetune_outliers": "What each fine-tune variant did to the outliers (FP32 model, vs the default recipe)",
           "search_trials": "Search trials", "timing": "Wall-time split"}
 
 
@@ -232,6 +233,10 @@ CAPTIONS = {
                      f"by the rule {RULE}; untested: no stored predictions to pair.",
     "transform_effect": "Largest over layers of max |x| and kurtosis, FP32 model (before) and the transformed FP32 "
                         "model (after); ratio = after / before.",
+    "finetune_outliers": "One row per fine-tuned checkpoint. Largest over layers of max |x| and kurtosis per site "
+                         "kind of its FP32 model; _vs_default = the value / the default recipe's checkpoint's "
+                         "(same model, task and seed); fine-tune seconds from the job that trained it (empty: "
+                         "the checkpoint came from the cache); extra_finetune_seconds = its seconds minus the default's.",
     "calibration": f"Columns: calibration sequences (num_batches x batch_size). Cells: accuracy (%) [95 % "
                    f"percentile-bootstrap interval over the validation examples] / drop vs FP32 (points); "
                    f"* = significant, by the rule {RULE}.",

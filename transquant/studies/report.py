@@ -9,10 +9,10 @@
 A study is found by the tag ``transquant.study`` of its parent run (set by
 :class:`transquant.studies.search.StudyCallback`), or by ``+experiment=<name>`` / ``+search=<name>`` in the
 parent's ``sweep_overrides`` param, or given as a parent run id. Its child runs become one row
-each (:func:`transquant.studies.runs.run_record`, the method named from its ``quant.*`` params), and the
-report writes to ``report.out`` (default ``reports/<study>``) and, unless ``report.log=false``, as artifacts
-``report/`` of the parent run (``report-<names>/`` of each parent for a report over several sweeps)
-plus, on each parent, the seed statistics of its own jobs as metrics:
+each (:func:`transquant.studies.runs.run_record`, the method named from its ``quant.*`` params and its
+fine-tune variant), and the report writes to ``report.out`` (default ``reports/<study>``) and, unless
+``report.log=false``, as artifacts ``report/`` of the parent run (``report-<names>/`` of each parent for a
+report over several sweeps) plus, on each parent, the seed statistics of its own jobs as metrics:
 
 ==========================  ===================================================================
 table1_accuracy             accuracy and drop vs FP32 per method: median, min–max, McNemar significance
@@ -34,6 +34,9 @@ best_per_bits               per bit setting x granularity: the best method and t
 transform_effect            per transform run (SmoothQuant, OS, OS+) and site kind: max over layers of max_abs and
                             kurtosis before and after the transform (the run's activation_stats and
                             activation_stats_transformed tables), and their ratio
+finetune_outliers           per fine-tuned checkpoint (studies with a train.* variant: regularizer, attention,
+                            autocast): FP32 accuracy, fine-tune seconds, max over layers of max_abs and kurtosis
+                            per site kind, each vs the default variant's checkpoint of the same seed
 search_trials               Optuna trials in order, best / Pareto flags
 timing                      wall-time split from the *_seconds metrics
 runs                        every child run: id, seed, method, metrics
@@ -62,6 +65,7 @@ from .queries import (
     ReportError,
     children_frame,
     depth_frame,
+    finetune_frame,
     mitigation_pairs,
     resolve_all,
     transform_frame,
@@ -100,7 +104,7 @@ def report(studies: list[str], tracking_uri: str = DEFAULT_URI, out: str | Path 
         print(f"transquant.report: warning: the runs span several {' and '.join(c + 's' for c in mixed)}; "
               "their tables pool them per method — report one model/task at a time", file=sys.stderr)
     tables = build_tables(df, depth_frame(client, df), objectives, transform=transform_frame(client, df),
-                          pairs=mitigation_pairs(client, df))
+                          pairs=mitigation_pairs(client, df), finetune=finetune_frame(client, df))
     name = "-".join(s[:8] if RUN_ID.fullmatch(s) else s for s in studies)
     out = Path(out) if out else Path("reports") / name
     out.mkdir(parents=True, exist_ok=True)

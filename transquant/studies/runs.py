@@ -11,6 +11,9 @@ from .labels import (
     NAIVE,
     effective_grouping,
     family_of,
+    finetune_label,
+    finetune_sort_key,
+    finetune_suffix,
     join_patterns,
     method_defaults,
     method_label,
@@ -53,10 +56,16 @@ def mitigation_label(q: dict) -> str:
 
 def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str],
                status: str = "FINISHED", start_time: int | None = None, end_time: int | None = None) -> dict:
-    """One row of the study table: identification columns plus every metric."""
+    """One row of the study table: identification columns plus every metric.
+
+    A run fine-tuned with a non-default variant (``finetune``) has `` [ft: <variant>]`` at the end
+    of ``label``, ``family``, ``base`` and ``mitigation``, so no table pools two variants as seeds
+    of one method; ``quant_label`` keeps the label from the ``quant.*`` params alone."""
     q = quant_params(params)
     seed = parse_param(params.get("train.seed"))
     label = method_label(q)
+    ft = finetune_label(params)
+    ft_suffix = finetune_suffix(ft)
     d = method_defaults(q.get("method", "?"))
     wb, ab = q.get("weight_bits", d.get("weight_bits")), q.get("act_bits", d.get("act_bits"))
     rec = {
@@ -68,11 +77,12 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
         "task": params.get("task.name", tags.get("task", "")),
         "seed": seed,
         "method": q.get("method", tags.get("quant_method", "?")),
-        "label": label,
+        "label": label + ft_suffix,
         "quant_label": label,
+        "finetune": ft,
         "calibration_sequences": calibration_sequences(params, q),
-        "family": method_label(q, with_bits=False),
-        "base": method_label(q, with_exclude=False),
+        "family": method_label(q, with_bits=False) + ft_suffix,
+        "base": method_label(q, with_exclude=False) + ft_suffix,
         "k": q.get("k") if family_of(q.get("method", "")) == "peg" or q.get("peg_sites") else None,
         "grouping": effective_grouping(q) if family_of(q.get("method", "")) == "peg" or q.get("peg_sites") else None,
         "percentile": q.get("percentile") if q.get("estimator") == "percentile" else None,
@@ -82,7 +92,7 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
         "weight_granularity": q.get("weight_granularity", d.get("weight_granularity")) if wb is not None else None,
         "transform": q.get("transform", d.get("transform")) or "none",
         "bias_correction": bool(q.get("bias_correction", d.get("bias_correction"))),
-        "mitigation": mitigation_label(q),
+        "mitigation": mitigation_label(q) + ft_suffix,
         "act_exclude": join_patterns(q.get("act_exclude") or []),
         "peg_sites": join_patterns(q.get("peg_sites") or []),
         "high_bits_sites": join_patterns(q.get("high_bits_sites") or []),
@@ -97,8 +107,8 @@ def run_record(run_id: str, params: dict[str, str], metrics: dict[str, float], t
         "start_time": start_time,
         "source_hash": tags.get("transquant.source_hash"),
         **{k.removeprefix("transquant."): v for k, v in tags.items() if k.startswith("transquant.version.")},
-        "_sort": method_sort_key(q),
-        "_mitigation_sort": method_sort_key(_at_defaults(q)),
+        "_sort": (*method_sort_key(q), finetune_sort_key(ft)),
+        "_mitigation_sort": (*method_sort_key(_at_defaults(q)), finetune_sort_key(ft)),
     }
     rec.update(metrics)
     if "fp32_accuracy" not in metrics and "accuracy" in metrics and "accuracy_drop" in metrics:

@@ -1,7 +1,7 @@
 """The report's tables, pure functions of the study table (:mod:`.runs`): accuracy and drop vs
 FP32 per method and per seed, deployment profile, depth statistics, ablations, calibration sizes,
 search trials, the mitigations study (method x bits x weight granularity, the best per setting,
-what a transform did to the outliers) and the wall-time split."""
+what a transform did to the outliers), what each fine-tune variant did to them and the wall-time split."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import re
 
 import pandas as pd
 
-from .labels import GROUPING_ORDER, family_of, site_preset, site_sort_key
+from .labels import GROUPING_ORDER, family_of, finetune_sort_key, finetune_suffix, site_preset, site_sort_key
 from .runs import _sortable
 from .seeds import aggregate, paired_deltas, seed_summary
 from .significance import ALPHA
@@ -114,15 +114,21 @@ def table_calibration(df: pd.DataFrame) -> pd.DataFrame:
             "drop_ci_high", "mcnemar_p"]
     out = d.reindex(columns=["quant_label", "calibration_sequences", "seed", *cols, "run_id"])
     out = out.rename(columns={"quant_label": "method", "calibration_sequences": "sequences"})
+    if "finetune" in d:  # two fine-tune variants of a method are two rows of the view, never one
+        out["method"] = out["method"] + d["finetune"].map(finetune_suffix)
     out["sequences"] = out["sequences"].astype(int)
     out.insert(len(out.columns) - 1, "significant", out["mcnemar_p"] < ALPHA)
     return out.reset_index(drop=True)
 
 
 def table_depth(depth: pd.DataFrame) -> pd.DataFrame:
-    """Table III: per layer (step), the median over checkpoints of each FP32 statistic."""
+    """Table III: per layer (step), the median over checkpoints of each FP32 statistic, of the
+    checkpoints of one fine-tune variant (the default where there is one: a variant changes the
+    statistics, so its checkpoints are not more seeds; ``finetune_outliers`` compares them)."""
     if depth.empty:
         return pd.DataFrame()
+    if "finetune" in depth:
+        depth = depth[depth["finetune"] == min(depth["finetune"], key=finetune_sort_key)]
     t = depth.groupby(["layer", "stat"])["value"].median().unstack("stat")
     cols = [c for c in DEPTH_METRICS if c in t]
     t = t[cols].reset_index().sort_values("layer").reset_index(drop=True)
@@ -399,16 +405,68 @@ def table_transform_effect(df: pd.DataFrame, transform: pd.DataFrame | None) -> 
     return pd.DataFrame(rows)
 
 
+def _first(g: pd.DataFrame, col: str) -> float:
+    v = g[col].dropna() if col in g else ()
+    return v.iloc[0] if len(v) else math.nan
+
+
+def table_finetune_outliers(df: pd.DataFrame, stats: pd.DataFrame | None) -> pd.DataFrame:
+    """Per fine-tuned checkpoint of a study with a fine-tune variant besides the default: the
+    variant, seed, FP32 accuracy and fine-tune seconds (logged by the job that trained it), the
+    largest over layers of ``max_abs`` and ``kurtosis`` per site kind of its FP32 model, and each
+    against the default variant's checkpoint of the same model, task and seed (ratio; extra
+    seconds). ``stats``: :func:`transquant.studies.queries.finetune_frame`."""
+    if stats is None or stats.empty or df.empty or "finetune" not in df or not (df["finetune"] != "").any():
+        return pd.DataFrame()
+    top = stats.groupby(["checkpoint", "kind", "stat"], sort=False)["value"].max()
+    values = [(kind, stat) for kind in TRANSFORM_KINDS if kind in set(stats["kind"]) for stat in TRANSFORM_STATS]
+    rows = []
+    for ckpt in dict.fromkeys(stats["checkpoint"]):
+        g = df[df["checkpoint"] == ckpt]
+        if g.empty:
+            continue
+        r = g.iloc[0]
+        rows.append({"finetune": r["finetune"], "seed": r["seed"], "fp32_accuracy": _first(g, "fp32_accuracy"),
+                     "finetune_seconds": _first(g, "finetune_seconds"),
+                     **{f"{kind}_{stat}": top.get((ckpt, kind, stat), math.nan) for kind, stat in values},
+                     "_same": f"{r['model']}|{r['task']}|{r['seed']}",
+                     "_order": (finetune_sort_key(r["finetune"]), _sortable(r["seed"]), ckpt)})
+    if not rows:
+        return pd.DataFrame()
+    t = pd.DataFrame(sorted(rows, key=lambda x: x["_order"]))
+    default = t[t["finetune"] == ""].drop_duplicates("_same").set_index("_same")
+    out = t[["finetune", "seed", "fp32_accuracy", "finetune_seconds"]].copy()
+    if not default.empty:
+        out["extra_finetune_seconds"] = t["finetune_seconds"] - t["_same"].map(default["finetune_seconds"])
+    for kind, stat in values:
+        c = f"{kind}_{stat}"
+        out[c] = t[c]
+        if not default.empty:
+            out[f"{c}_vs_default"] = t[c] / t["_same"].map(default[c].where(default[c] != 0))
+    out["finetune"] = out["finetune"].replace("", "default")
+    return out
+
+
 RUN_COLUMNS = ["run_id", "status", "seed", "method", "label", "k", "grouping", "percentile", "weight_bits", "act_bits",
                "weight_granularity", "transform", "act_exclude", "calibration_sequences", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
                "fp32_accuracy", "accuracy_drop", "drop_ci_low", "drop_ci_high", "mcnemar_p", *PROFILE_METRICS, *PROFILE_TAGS, "high_precision_sites",
                "calibration_seconds", "eval_seconds", "finetune_seconds", "finetune_cache", "reused", "best", "pareto"]
 
 
+def _run_columns(df: pd.DataFrame) -> list[str]:
+    """:data:`RUN_COLUMNS`, with ``finetune`` after ``label`` when some run has a non-default variant."""
+    if "finetune" not in df or not (df["finetune"] != "").any():
+        return RUN_COLUMNS
+    i = RUN_COLUMNS.index("label") + 1
+    return [*RUN_COLUMNS[:i], "finetune", *RUN_COLUMNS[i:]]
+
+
 def build_tables(df: pd.DataFrame, depth: pd.DataFrame | None = None, objectives: list[str] | None = None,
-                 transform: pd.DataFrame | None = None, pairs: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+                 transform: pd.DataFrame | None = None, pairs: pd.DataFrame | None = None,
+                 finetune: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Every table of the report from the run table (and the depth statistics, the statistics of
-    the transform runs and the paired comparisons with each setting's best method)."""
+    the transform runs, the paired comparisons with each setting's best method and the statistics
+    of each fine-tuned checkpoint)."""
     mitigations = table_mitigations(df)
     tables = {
         "table1_accuracy": table_accuracy(df),
@@ -424,8 +482,9 @@ def build_tables(df: pd.DataFrame, depth: pd.DataFrame | None = None, objectives
         "mitigations_pivot": mitigations_pivot(mitigations, method_order(df)),
         "best_per_bits": best_per_bits(mitigations, pairs),
         "transform_effect": table_transform_effect(df, transform),
+        "finetune_outliers": table_finetune_outliers(df, finetune),
         "search_trials": search_trials(df, objectives or ["accuracy"]) if not df.empty else pd.DataFrame(),
         "timing": table_timing(df),
-        "runs": df[[c for c in RUN_COLUMNS if c in df]].copy() if not df.empty else pd.DataFrame(),
+        "runs": df[[c for c in _run_columns(df) if c in df]].copy() if not df.empty else pd.DataFrame(),
     }
     return {k: v for k, v in tables.items() if not v.empty}

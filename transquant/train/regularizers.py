@@ -44,18 +44,10 @@ from torch import nn
 from ..core.errors import TransquantError
 from ..quant.sites import RESIDUAL_KINDS, Site, find_sites, tap
 from .attention import KINDS as ATTENTION_KINDS
+from .knobs import KNOB_DEFAULTS, KNOBS_OF, SETTINGS
 
 REGULARIZERS = ("none", "kurtosis", "quanttune")
-# The fine-tuning knobs this module and .attention add, each with the value that means "as before"
-# and the setting it belongs to (a knob matters only with that setting).
-KNOB_DEFAULTS = {"regularizer": "none", "reg_weight": None, "kurtosis_target": 3.0, "margin": None,
-                 "attention": "softmax", "clip_gamma": -0.03, "clip_zeta": 1.0, "gate_bias_init": 0.0,
-                 "autocast": "none"}
-# Settings that are knobs themselves: hashed whenever they leave their "as before" value.
-SETTINGS = ("regularizer", "attention", "autocast")
 AUTOCASTS = ("none", "bf16")
-KNOBS_OF = {"kurtosis": ("reg_weight", "kurtosis_target"), "quanttune": ("reg_weight", "margin"),
-            "clipped_softmax": ("clip_gamma", "clip_zeta"), "gated": ("gate_bias_init",)}
 
 
 def kurtosis(x: torch.Tensor) -> torch.Tensor:
