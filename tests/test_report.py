@@ -173,17 +173,24 @@ def _quantized(fp32, acc, **extra):
             "eval_seconds": 0.5, **extra}
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    base = tmp_path_factory.mktemp("report_store")
+def new_store(base):
+    """A fresh sqlite MLflow store in ``base`` (artifacts beside it, not ./mlruns): (uri, client,
+    experiment id, tick), ``tick()`` a clock that advances 10 s per call, so runs order by start time."""
     uri = f"sqlite:///{base}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("transquant", artifact_location=str(base / "artifacts"))  # not ./mlruns
+    exp = client.create_experiment("transquant", artifact_location=str(base / "artifacts"))
     t = [1_700_000_000_000]
 
     def tick():
         t[0] += 10_000
         return t[0]
+    return uri, client, exp, tick
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    base = tmp_path_factory.mktemp("report_store")
+    uri, client, exp, tick = new_store(base)
 
     # Study "paper": 3 seeds; W8A8 50/60/52, PEG grid, percentile, profile on two methods, depth stats.
     paper = client.create_run(exp, start_time=tick(), tags={"transquant.role": "sweep", "transquant.study": "paper",
@@ -454,14 +461,7 @@ def _stats_table(stats: dict) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def mitigations_store(tmp_path_factory):
     base = tmp_path_factory.mktemp("mitigations_store")
-    uri = f"sqlite:///{base}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("transquant", artifact_location=str(base / "artifacts"))
-    t = [1_700_000_000_000]
-
-    def tick():
-        t[0] += 10_000
-        return t[0]
+    uri, client, exp, tick = new_store(base)
 
     parent = client.create_run(exp, start_time=tick(), tags={"transquant.role": "sweep", "transquant.study": "mitigations",
                                                              "mlflow.runName": "sweep: +experiment=mitigations"}).info.run_id

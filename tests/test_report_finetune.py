@@ -8,7 +8,6 @@ import math
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-from mlflow.tracking import MlflowClient
 
 from transquant.core.tracking import flatten
 from transquant.run import CONF_DIR
@@ -18,7 +17,7 @@ from transquant.studies.queries import children_frame, finetune_frame
 from transquant.studies.runs import records_frame, run_record
 from transquant.studies.tables import table_accuracy, table_finetune_outliers
 
-from .test_report import _child, _quantized, _stats_table, qparams
+from .test_report import _child, _quantized, _stats_table, new_store, qparams
 
 KURT = "kurtosis reg lambda=1e-07 (target 3)"
 KURT_PARAMS = {"train.regularizer": "kurtosis", "train.reg_weight": "1e-07", "train.kurtosis_target": "3.0"}
@@ -118,14 +117,7 @@ STATS = {"default": {"attn_norm": ([4.0, 8.0], [3.0, 30.0]), "ffn_residual": ([1
 @pytest.fixture(scope="module")
 def finetune_store(tmp_path_factory):
     base = tmp_path_factory.mktemp("finetune_store")
-    uri = f"sqlite:///{base}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("transquant", artifact_location=str(base / "artifacts"))
-    t = [1_700_000_000_000]
-
-    def tick():
-        t[0] += 10_000
-        return t[0]
+    uri, client, exp, tick = new_store(base)
 
     parent = client.create_run(exp, start_time=tick(), tags={"transquant.role": "sweep",
                                                              "transquant.study": "mitigations_train"}).info.run_id
