@@ -113,6 +113,26 @@ def test_finetune_key_follows_training_code(make_cfg, monkeypatch):
     assert finetune.cache_key(cfg.model, task, cfg.train, cfg.train.max_length) != key
 
 
+def test_finetune_key_follows_the_cpu_thread_count(make_cfg):
+    """Another thread count sums in another order: other weights, so another checkpoint."""
+    from transquant.pipeline import prepare
+    cfg = make_cfg()
+    _, task, _ = prepare(cfg)
+    before = torch.get_num_threads()
+    try:
+        keys = set()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            keys.add(finetune.cache_key(cfg.model, task, cfg.train, cfg.train.max_length, torch.device("cpu")))
+        assert len(keys) == 2
+        on_gpu = {finetune.cache_key(cfg.model, task, cfg.train, cfg.train.max_length, torch.device("cuda"))}
+        torch.set_num_threads(1)
+        assert on_gpu == {finetune.cache_key(cfg.model, task, cfg.train, cfg.train.max_length, torch.device("cuda"))}
+        assert not on_gpu & keys
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- attention variants (Bondarenko et al., NeurIPS 2023) ---------------------------------------
 
 def test_clipped_softmax_is_its_formula():
