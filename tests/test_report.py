@@ -187,6 +187,17 @@ def new_store(base):
     return uri, client, exp, tick
 
 
+class CountingClient:
+    """An MLflow client stand-in that records each artifact download in ``calls`` and passes it on."""
+
+    def __init__(self, client):
+        self.client, self.calls = client, []
+
+    def download_artifacts(self, run_id, path, dst_path):
+        self.calls.append((run_id, path))
+        return self.client.download_artifacts(run_id, path, dst_path)
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     base = tmp_path_factory.mktemp("report_store")
@@ -563,15 +574,11 @@ def test_transform_frame_reads_each_table_once(mitigations_store):
     from transquant.studies.queries import transform_frame
 
     client = mitigations_store["client"]
-    calls = []
-
-    class Counting:
-        def download_artifacts(self, run_id, path, dst_path):
-            calls.append((run_id, path))
-            return client.download_artifacts(run_id, path, dst_path)
+    counting = CountingClient(client)
+    calls = counting.calls
 
     df = children_frame(client, [mitigations_store["parent"]])
-    tf = transform_frame(Counting(), df)
+    tf = transform_frame(counting, df)
     assert len(calls) == len(set(calls)) == 4 + 1  # 4 SmoothQuant runs, one checkpoint
     assert [p for _, p in calls].count("activation_stats.csv") == 1
     assert set(tf["when"]) == {"before", "after"} and tf["run_id"].nunique() == 4

@@ -17,7 +17,7 @@ from transquant.studies.queries import children_frame, finetune_frame
 from transquant.studies.runs import records_frame, run_record
 from transquant.studies.tables import table_accuracy, table_finetune_outliers
 
-from .test_report import _child, _quantized, _stats_table, new_store, qparams
+from .test_report import CountingClient, _child, _quantized, _stats_table, new_store, qparams
 
 KURT = "kurtosis reg lambda=1e-07 (target 3)"
 KURT_PARAMS = {"train.regularizer": "kurtosis", "train.reg_weight": "1e-07", "train.kurtosis_target": "3.0"}
@@ -160,16 +160,12 @@ def test_report_finetune_variants(finetune_store, tmp_path):
 
 def test_finetune_frame_reads_each_checkpoint_once(finetune_store):
     client = finetune_store["client"]
-    calls = []
-
-    class Counting:
-        def download_artifacts(self, run_id, path, dst_path):
-            calls.append((run_id, path))
-            return client.download_artifacts(run_id, path, dst_path)
+    counting = CountingClient(client)
+    calls = counting.calls
 
     df = children_frame(client, [finetune_store["parent"]])
-    frame = finetune_frame(Counting(), df)
+    frame = finetune_frame(counting, df)
     assert len(calls) == 4 and {p for _, p in calls} == {"activation_stats.csv"}  # 2 variants x 2 seeds
     assert frame["checkpoint"].nunique() == 4 and set(frame["kind"]) == {"attn_norm", "ffn_residual"}
     calls.clear()
-    assert finetune_frame(Counting(), df[df["finetune"] == ""]).empty and not calls  # default only: no download
+    assert finetune_frame(counting, df[df["finetune"] == ""]).empty and not calls  # default only: no download
