@@ -85,7 +85,8 @@ def engine_of(path) -> Engine:
     return ort_engine("onnxruntime", path, 1, ["input_ids", "attention_mask", "token_type_ids"])
 
 
-@pytest.mark.parametrize("method,over", [("w8a8", {}), ("mixed", {}), ("peg", {"k": 4}), ("w8a32", {})])
+@pytest.mark.parametrize("method,over", [("w8a8", {}), ("mixed", {}), ("mixed_paper", {}), ("peg", {"k": 4}),
+                                         ("w8a32", {})])
 def test_engine_predictions_match_fake_quant(tmp_path, method, over):
     """The engine computes the same integer grid as fake quantization, so predictions agree.
 
@@ -106,6 +107,52 @@ def test_engine_predictions_match_fake_quant(tmp_path, method, over):
         assert report.code_agreement >= 0.999
     if method == "peg":
         assert report.peg_split_sites == ["layer.0.attn.norm", "layer.1.attn.norm"]
+    if method == "mixed_paper":  # the 16-bit FFN input runs on two integer GEMMs, not a float one
+        assert report.fusions["wide_matmul"] == 2 and report.float_matmuls == 0
+
+
+def _wide_graph(q: np.ndarray, scale: float, zero: int, w: np.ndarray, w_scale: np.ndarray, bias: np.ndarray):
+    """DQ(uint16 codes) @ DQ(int8 W, per column) + bias, the pattern of a 16-bit GEMM input."""
+    from onnx import helper
+
+    g = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["x"], domain="com.microsoft"),
+         helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=1),
+         helper.make_node("MatMul", ["x", "wf"], ["y0"]),
+         helper.make_node("Add", ["y0", "b"], ["y"])],
+        "wide", [helper.make_tensor_value_info("q", TensorProto.UINT16, list(q.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [q.shape[0], w.shape[1]])],
+        initializer=[numpy_helper.from_array(a, n) for a, n in (
+            (np.float32(scale), "s"), (np.uint16(zero), "z"), (w, "w"), (w_scale, "sw"),
+            (np.zeros(w.shape[1], np.int8), "zw"), (bias, "b"))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_16bit_gemm_input_runs_as_two_exact_integer_gemms():
+    """``wide_matmul``: a uint16 input splits into bytes on two integer GEMMs whose int32 sums are
+    exact, so the result is the float64 product to float32 rounding — at the extreme codes
+    (0 and 65535), an odd zero point, and sums that no 16-bit accumulator would hold."""
+    import onnxruntime as ort
+
+    from transquant.deploy.fusions import fuse_for_cpu
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 65536, size=(64, 384)).astype(np.uint16)
+    q[0], q[1] = 65535, 0
+    w = rng.integers(-127, 128, size=(384, 96)).astype(np.int8)
+    w[:, 0] = 127
+    scale, zero = 3.1e-4, 32769
+    w_scale = rng.uniform(1e-3, 2e-3, 96).astype(np.float32)
+    bias = rng.normal(size=96).astype(np.float32)
+    model = _wide_graph(q, scale, zero, w, w_scale, bias)
+    assert fuse_for_cpu(model)["wide_matmul"] == 1
+    onnx.checker.check_model(model)  # nodes still in topological order
+    assert {n.op_type for n in model.graph.node} >= {"MatMulIntegerToFloat"}
+    assert "MatMul" not in {n.op_type for n in model.graph.node}
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"q": q})[0]
+    exact = ((q.astype(np.int64) - zero) @ w.astype(np.int64)) * (np.float64(np.float32(scale)) * w_scale) + bias
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
 
 
 def test_engine_logits_close_to_fake_quant(tmp_path):

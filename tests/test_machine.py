@@ -95,6 +95,14 @@ def test_op_profile_summary():
     assert int_gemm_gmac_s(df[df["op_type"] != "MatMulIntegerToFloat"]) is None
 
 
+def test_op_profile_names_the_float_gemm_ort_makes_of_int8_weights():
+    """MatMulNBits (int8 weights under a float or 16-bit input) is a GEMM with its own row and
+    GMAC/s, not a part of "other" (the mixed engine's largest cost was hidden there)."""
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 1}, _event("MatMulNBits", 8, 10)]
+    t = summarise(events).set_index("op_type")
+    assert "other" not in t.index and t.at["MatMulNBits", "gmac_s"] == pytest.approx(0.512)
+
+
 def test_peak_gemm_on_tiny_shapes():
     assert parse_shape("1024x768x3072") == (1024, 768, 3072)
     assert parse_shape("64x32") is None and parse_shape("0x2x2") is None

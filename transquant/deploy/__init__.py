@@ -38,8 +38,10 @@ ONNX Runtime engine (``profile.engine=onnxruntime``, the default)
        epilogue) for every weight MatMul with an 8-bit input (the pooler's and classifier's
        ``Gemm`` are rewritten as MatMuls first) and folds the attention scaling into the
        scores' grid, so ORT's optimizer turns ``q·kᵀ`` and ``probs·v`` into ``QLinearMatMul``
-       (uint8 in and out). What stays float is the elementwise glue (LayerNorm, GELU, softmax,
-       residual adds, the Quantize passes) and products with a float or 16-bit input.
+       (uint8 in and out). A weight MatMul with a 16-bit input (``mixed_paper``'s FFN input)
+       becomes two integer GEMMs on the codes' high and low bytes (exact int32 sums, added in
+       float). What stays float is the elementwise glue (LayerNorm, GELU, softmax, residual
+       adds, the Quantize passes) and products with a float input or of two 16-bit tensors.
     6. :mod:`.verify` then counts integer and float MatMuls in the graph ORT's
        optimizer produces (a weight MatMul with two 8-bit inputs left float fails the build)
        and compares the engine's integer codes at every site with the fake-quant model's on

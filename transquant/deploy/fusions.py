@@ -34,6 +34,9 @@ def fuse_for_cpu(proto) -> dict[str, int]:
       dequantization is exact, and the MatMul then reads a DQ, as the next rewrite needs.
     - ``matmul_bias``: ``DQ(uint8 x), DQ(int8 W) -> MatMul -> Add(bias)`` becomes one
       ``MatMulIntegerToFloat(x, W, …, bias)`` (the bias add happens in the GEMM epilogue).
+    - ``wide_matmul``: the same with a 16-bit input (``mixed``'s FFN input), which ORT would run
+      as a float GEMM: the codes split into bytes, q = 256·h + l, and (q - z)·W =
+      256·(h - z_h)·W + (l - z_l)·W is two integer GEMMs (exact int32 sums) added in float.
 
     Not done: fusing ``LayerNorm(a + b)`` into ``SkipLayerNormalization`` — ORT 1.32's CPU
     SkipLayerNormalization kernel measured ~8x slower than LayerNormalization plus an Add here.
@@ -41,7 +44,7 @@ def fuse_for_cpu(proto) -> dict[str, int]:
     from onnx import TensorProto, helper, numpy_helper
 
     g = proto.graph
-    stats = {"scores": 0, "hoisted_dq": 0, "matmul_bias": 0}
+    stats = {"scores": 0, "hoisted_dq": 0, "matmul_bias": 0, "wide_matmul": 0}
     outputs = {o.name for o in g.output}
 
     def maps():
@@ -114,21 +117,31 @@ def fuse_for_cpu(proto) -> dict[str, int]:
         if (dq_a is None or dq_w is None or dq_a.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear"
                 or any(at.name == "axis" for at in dq_a.attribute) or len(dq_a.input) < 3 or len(dq_w.input) < 3
                 or dtype(dq_w.input[0]) not in (TensorProto.INT8, TensorProto.UINT8)
-                or dtype(dq_a.input[2]) != TensorProto.UINT8):
+                or dtype(dq_a.input[2]) not in (TensorProto.UINT8, TensorProto.UINT16)):
             continue
-        inputs = [dq_a.input[0], dq_w.input[0], dq_a.input[1], dq_w.input[1], dq_a.input[2], dq_w.input[2]]
-        out, removed = mm.output[0], [mm]
+        out, removed, bias = mm.output[0], [mm], []
         users = cons.get(mm.output[0], [])
         if len(users) == 1 and users[0].op_type == "Add" and mm.output[0] not in outputs:
             add = users[0]
             other = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
-            bias = _const_value(g, other, consts)
-            if bias is not None and bias.ndim == 1 and dtype(other) == TensorProto.FLOAT:
-                inputs.append(other)
-                out, removed = add.output[0], [mm, add]
-        node = helper.make_node("MatMulIntegerToFloat", inputs, [out], name=mm.name + "_int", domain="com.microsoft")
-        replace(removed, node, mm)
-        stats["matmul_bias"] += 1
+            value = _const_value(g, other, consts)
+            if value is not None and value.ndim == 1 and dtype(other) == TensorProto.FLOAT:
+                out, removed, bias = add.output[0], [mm, add], [other]
+        weight = [dq_w.input[0], dq_w.input[1], dq_w.input[2]]
+        if dtype(dq_a.input[2]) == TensorProto.UINT8:
+            new = [helper.make_node("MatMulIntegerToFloat", [dq_a.input[0], weight[0], dq_a.input[1], weight[1],
+                                                             dq_a.input[2], weight[2], *bias], [out],
+                                    name=mm.name + "_int", domain="com.microsoft")]
+            stats["matmul_bias"] += 1
+        else:
+            new = _wide_matmul(g, mm, dq_a, weight, bias, out, consts)
+            if new is None:
+                continue
+            stats["wide_matmul"] += 1
+        for node in new:  # each before the MatMul, in order
+            g.node.insert(list(g.node).index(mm), node)
+        for n in removed:
+            g.node.remove(n)
 
     # Dequantize nodes left without consumers (their MatMul is now integer).
     while True:
@@ -143,3 +156,37 @@ def fuse_for_cpu(proto) -> dict[str, int]:
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
     return stats
+
+
+def _wide_matmul(g, mm, dq_a, weight: list[str], bias: list[str], out: str, consts: dict) -> list | None:
+    """Nodes computing ``DQ(uint16 q) @ DQ(W) (+ bias)`` on two 8-bit integer GEMMs (see
+    :func:`fuse_for_cpu`): h = q >> 8 and l = q mod 256 as uint8, the zero point split alike,
+    the high half's scale times 256 (exact in float). None where the grid is not a constant scalar."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    q, s_name, z_name = dq_a.input[0], dq_a.input[1], dq_a.input[2]
+    scale, zero = _const_value(g, s_name, consts), _const_value(g, z_name, consts)
+    if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+        return None
+    base = mm.name + "_wide"
+
+    def const(suffix: str, value) -> str:
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), base + suffix))
+        return base + suffix
+
+    z = int(zero)
+    eight = const("_8", np.uint16(8))
+    byte = const("_256", np.uint16(256))
+    s_hi, s_lo = const("_scale_hi", (scale * np.float32(256)).astype(np.float32)), s_name
+    z_hi, z_lo = const("_zp_hi", np.uint8(z >> 8)), const("_zp_lo", np.uint8(z & 255))
+    nodes = [helper.make_node("BitShift", [q, eight], [base + "_h16"], direction="RIGHT", name=base + "_shift"),
+             helper.make_node("Cast", [base + "_h16"], [base + "_h"], to=TensorProto.UINT8, name=base + "_cast_h"),
+             helper.make_node("Mod", [q, byte], [base + "_l16"], name=base + "_mod"),
+             helper.make_node("Cast", [base + "_l16"], [base + "_l"], to=TensorProto.UINT8, name=base + "_cast_l")]
+    w, s_w, z_w = weight
+    nodes += [helper.make_node("MatMulIntegerToFloat", [base + "_h", w, s_hi, s_w, z_hi, z_w, *bias], [base + "_yh"],
+                               name=base + "_int_h", domain="com.microsoft"),
+              helper.make_node("MatMulIntegerToFloat", [base + "_l", w, s_lo, s_w, z_lo, z_w], [base + "_yl"],
+                               name=base + "_int_l", domain="com.microsoft"),
+              helper.make_node("Add", [base + "_yh", base + "_yl"], [out], name=base + "_add")]
+    return nodes

@@ -4,8 +4,8 @@
   (``SessionOptions.optimized_model_filepath``), not the one we saved. MatMul-type nodes are
   counted there as integer or float; a float weight MatMul whose two inputs are both
   dequantized from 8-bit integers had an integer kernel and lost it, which fails the build
-  instead of silently running float. Float products of float or 16-bit activations (W8A32,
-  16-bit sites) have no integer kernel in ORT and are counted, not refused.
+  instead of silently running float. Products of float activations (W8A32) or of two 16-bit
+  tensors (16-bit attention) have no integer kernel in ORT and are counted, not refused.
 - **Integer codes**: on a sample batch, the codes the engine computes at every quantized site
   are compared with the codes of the fake-quant model; below :data:`MIN_CODE_AGREEMENT` the
   engine is not the calibrated model and the build fails. The fake-quant model is fed the
