@@ -106,6 +106,7 @@ def test_front_table_verdict_and_files(tmp_path):
     verdict, why = F.knee_verdict(_with_reference(t, math.nan, math.nan, "no mixed_paper run"), OBJ, DIR)
     assert (verdict, why) == ("unknown", "no mixed_paper run")
     files = F.write_front(_with_reference(t, math.nan, math.nan, "no mixed_paper run"), OBJ, DIR, tmp_path)
+    assert "not a finding" not in F.knee_verdict(_with_reference(t, 83, 35), OBJ, DIR)[1]  # no intervals logged
     csv = pd.read_csv(files[0])
     assert list(csv["role"]) == ["trial"] * 3 + ["reference"] and csv["knee"].sum() == 1
     assert files[1].stat().st_size > 10_000
@@ -173,3 +174,17 @@ def test_two_workers_share_one_study(tmp_path):
         assert len(kids) == 2 and all(k.data.metrics["latency_p50_ms"] > 0 for k in kids)
         front = pd.read_csv(client.download_artifacts(p.info.run_id, "pareto_front.csv", str(tmp_path)))
         assert front.loc[front["method"] == "mixed_paper", "note"].isna().all()  # the reference was found
+
+
+def test_verdict_says_when_an_accuracy_difference_is_inside_its_interval():
+    """A knee 0.5 point above the reference, with a ±1.4-point interval, "dominates" on the point
+    estimates, but the reason must say the accuracy side is not a finding (and the CSV carries
+    the intervals); a 3-point gap is reported without that caveat."""
+    df = _trials([(85, 50), (84, 30), (70, 10)]).assign(accuracy_ci_low=lambda d: d["accuracy"] - 1.4,
+                                                        accuracy_ci_high=lambda d: d["accuracy"] + 1.4)
+    t = F.front_table(df, OBJ, DIR, {})
+    assert {"accuracy_ci_low", "accuracy_ci_high"} <= set(t.columns)
+    verdict, why = F.knee_verdict(_with_reference(t, 83.5, 40), OBJ, DIR)
+    assert verdict == "true" and "accuracy differs by 0.50, inside the knee's 95 % interval [82.60, 85.40]" in why
+    verdict, why = F.knee_verdict(_with_reference(t, 81.0, 40), OBJ, DIR)
+    assert verdict == "true" and "not a finding" not in why

@@ -22,6 +22,8 @@ from .pareto import best_mask, dominates, knee_index
 CONTEXT_PARAMS = ("calibration.num_batches", "calibration.batch_size", "calibration.seed", "profile.engine",
                   "profile.batch_size", "profile.seq_len", "hardware.device", "hardware.threads")
 KNEE_REFERENCE = "mixed_paper"  # the preset the knee must beat
+# An objective's 95 % interval, where the runs log one (accuracy: Wilson, per run).
+INTERVALS = {"accuracy": ("accuracy_ci_low", "accuracy_ci_high")}
 
 
 def front_table(df: pd.DataFrame, objectives: list[str], directions: list[str],
@@ -33,9 +35,10 @@ def front_table(df: pd.DataFrame, objectives: list[str], directions: list[str],
     d = df[(df["status"] == "FINISHED") & df[objectives].notna().all(axis=1)]
     d = d.sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
     keys = sorted({k for p in params.values() for k, v in p.items() if v is not None})
+    bounds = [c for o in objectives for c in INTERVALS.get(o, ()) if c in d]
     t = pd.DataFrame({"role": "trial", "method": d["method"], "run_id": d["run_id"],
                       **{k: [params.get(r, {}).get(k) for r in d["run_id"]] for k in keys},
-                      **{o: d[o].astype(float) for o in objectives}})
+                      **{o: d[o].astype(float) for o in objectives}, **{c: d[c].astype(float) for c in bounds}})
     t["pareto"] = best_mask(d, objectives, directions) if len(d) else []
     t["knee"] = False
     front = t.index[t["pareto"]]
@@ -80,12 +83,29 @@ def knee_verdict(t: pd.DataFrame, objectives: list[str], directions: list[str]) 
         return "unknown", note
     k, r = knee[objectives].iloc[0].to_numpy(float), ref[objectives].iloc[0].to_numpy(float)
     sides = ", ".join(f"{o} {a:.4g} vs {b:.4g}" for o, a, b in zip(objectives, k, r))
+    noise = _within_noise(knee.iloc[0], ref.iloc[0], objectives)
     if dominates(k, r, directions):
-        return "true", f"knee dominates {KNEE_REFERENCE}: {sides}"
+        return "true", f"knee dominates {KNEE_REFERENCE}: {sides}" + noise
     front = t[t["pareto"]][objectives].to_numpy(float)
     n = sum(dominates(p, r, directions) for p in front)
     return "false", (f"knee does not dominate {KNEE_REFERENCE} ({sides}); "
-                     + (f"{n} other front point(s) do" if n else f"no trial dominates {KNEE_REFERENCE}"))
+                     + (f"{n} other front point(s) do" if n else f"no trial dominates {KNEE_REFERENCE}") + noise)
+
+
+def _within_noise(knee: pd.Series, ref: pd.Series, objectives: list[str]) -> str:
+    """The objectives on which knee and reference differ by less than the knee's 95 % half-width
+    (:data:`INTERVALS`): on those the comparison is not a finding, and the reason says so."""
+    notes = []
+    for o in objectives:
+        lo, hi = INTERVALS.get(o, (None, None))
+        if lo is None or any(c not in knee or pd.isna(knee[c]) for c in (lo, hi)):
+            continue
+        half = (knee[hi] - knee[lo]) / 2
+        diff = abs(knee[o] - ref[o])
+        if diff < half:
+            notes.append(f"{o} differs by {diff:.2f}, inside the knee's 95 % interval "
+                         f"[{knee[lo]:.2f}, {knee[hi]:.2f}] (±{half:.2f}): not a finding")
+    return ("; " + "; ".join(notes)) if notes else ""
 
 
 def write_front(t: pd.DataFrame, objectives: list[str], directions: list[str], out: Path) -> list[Path]:
@@ -139,8 +159,10 @@ def log_front(client, parent_id: str, df: pd.DataFrame, objectives: list[str], d
     rows = []
     for method in references:
         ref = find_reference(client, exp, context, method, objectives)
+        bounds = [c for o in objectives for c in INTERVALS.get(o, ()) if c in t]
         rows.append({"role": "reference", "method": method, "run_id": ref.info.run_id if ref else None,
                      **{o: ref.data.metrics[o] if ref else math.nan for o in objectives},
+                     **{c: ref.data.metrics.get(c, math.nan) if ref else math.nan for c in bounds},
                      "pareto": False, "knee": False, "note": "" if ref else missing_note(method, context)})
     if rows:
         t = pd.concat([t, pd.DataFrame(rows)], ignore_index=True)
