@@ -111,24 +111,6 @@ def test_engine_predictions_match_fake_quant(tmp_path, method, over):
         assert report.fusions["wide_matmul"] == 2 and report.float_matmuls == 0
 
 
-def test_peg_split_gathers_uint8_codes_onto_integer_gemms(tmp_path):
-    """PEG's split MatMul gathers each group's columns from the site's codes cast to uint8 once
-    (not float columns quantized again per group) and feeds them to integer GEMMs directly; the
-    MatMul's bias rides in the first group's GEMM instead of an Add over the summed output."""
-    _, _, _, path, report = build(tmp_path, "peg", k=4)
-    g = onnx.load(str(path)).graph
-    producer = {o: n for n in g.node for o in n.output}
-    gathers = [n for n in g.node if "tq_peg_gather" in n.name]
-    gemms = [n for n in g.node if "tq_peg_mm" in n.name]
-    assert len(gathers) == 2 * 4 and len(gemms) == 2 * 4  # 2 layers x 4 groups, W1 only
-    for n in gathers:
-        cast = producer[n.input[0]]
-        assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.UINT8
-    assert {n.op_type for n in gemms} == {"MatMulIntegerToFloat"}
-    assert sorted(len(n.input) for n in gemms) == [6] * 6 + [7] * 2  # one bias per split MatMul
-    assert report.code_agreement >= 0.999
-
-
 def _wide_graph(q: np.ndarray, scale: float, zero: int, w: np.ndarray, w_scale: np.ndarray, bias: np.ndarray):
     """DQ(uint16 codes) @ DQ(int8 W, per column) + bias, the pattern of a 16-bit GEMM input."""
     from onnx import helper

@@ -64,10 +64,10 @@ ONNX Runtime engine (``profile.engine=onnxruntime``, the default)
     QuantizeLinear on the last axis was ~3x slower for the whole model); K=1 (one range for all
     channels) is an ordinary per-tensor QDQ. Where a PEG tensor feeds a MatMul (the FFN input),
     per-channel activation scales cannot be folded into one integer GEMM (the scale varies
-    along the *reduction* axis), so the MatMul is split per group: the site's codes are cast to
-    uint8 once, each group's columns gathered (as bytes) onto an integer GEMM with the group's
-    scale and the matching weight rows, the bias in the first GEMM's epilogue, and the K partial
-    products are summed in float — the paper's proposal, executed.
+    along the *reduction* axis), so the MatMul is split per group: the channels of a group are
+    gathered, quantized with the group's scalar grid and multiplied by the matching weight rows
+    on an integer kernel, and the K partial products are summed in float — the paper's
+    proposal, executed.
 
 PyTorch engine (``profile.engine=torch``)
     ``torch.ao`` dynamic INT8 Linear layers with our int8 weights (exact grid) and per-row 8-bit

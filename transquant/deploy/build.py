@@ -20,7 +20,6 @@ from .fusions import fuse_for_cpu
 from .qdq import (
     ActQuant,
     GraphEditor,
-    peg_matmuls,
     quantize_activation,
     quantize_weight,
     split_peg_matmul,
@@ -199,16 +198,15 @@ def build_onnx_int8(fp32_model: nn.Module, quant_model: nn.Module, state: QuantS
         skip = set()
         if site in readers:  # only the module's readers take the quantized tensor
             skip = {id(n) for n in G.consumers(t)} - readers[site]
-        matmuls = []
         if q.per_channel and q.container_bits == 8:
             if s.groups is None:
                 raise EngineError(f"engine: site {site} has per-channel ranges without PEG groups")
-            matmuls = [n for n in peg_matmuls(G, t) if id(n) not in skip]
+            split = split_peg_matmul(G, t, q, s.groups.cpu().numpy())
+            if split:
+                peg_split.append(site)
+            skip |= split
         elem = onnx.TensorProto.FLOAT if q.per_channel else onnx.helper.np_dtype_to_tensor_dtype(q.zero_point.dtype)
-        codes[site] = (quantize_activation(G, t, q, skip), elem)  # PEG: per-axis QDQ for the other consumers
-        if matmuls:
-            split_peg_matmul(G, t, matmuls, codes[site][0], q, s.groups.cpu().numpy())
-            peg_split.append(site)
+        codes[site] = (quantize_activation(G, t, q, skip), elem)  # other consumers (residual add): per-axis QDQ
         site_bits[site] = q.bits
     G.finish()
     if not any(op.domain == "com.microsoft" for op in proto.opset_import):  # uint16 QDQ, fused kernels

@@ -237,34 +237,22 @@ def quantize_weight(G: GraphEditor, init_name: str, grid: Grid, codes: np.ndarra
     G.g.initializer.remove(G.inits.pop(init_name))
 
 
-def peg_matmuls(G: GraphEditor, tensor: str) -> list:
-    """The MatMuls reading PEG-quantized ``tensor``, each checked to have a constant weight as its
-    second input (else :class:`EngineError`: no integer kernel takes per-channel scales along the
-    reduction axis)."""
+def split_peg_matmul(G: GraphEditor, tensor: str, q: ActQuant, groups: np.ndarray) -> set[int]:
+    """PEG on a MatMul input: y = sum_g DQ_g(Q_g(x[..., idx_g])) @ W[idx_g, :].
+
+    ``groups`` is the quant state's group id per channel (sorting channels by it is the PEG
+    permutation). Each group has one scalar grid (checked), so each partial product is an
+    ordinary U8S8 integer GEMM.
+    Only the MatMul consumers are rewritten (other consumers, e.g. the residual add, get the
+    per-axis QDQ). Returns the ids of the inserted nodes that read the float tensor."""
+    from onnx import helper
+
     consumers = [n for n in G.consumers(tensor) if n.op_type == "MatMul"]
+    if not consumers:
+        return set()
     if any(n.input[0] != tensor for n in consumers):
         raise EngineError(f"engine: per-group (PEG) ranges on {tensor}, the second input of a MatMul, "
                           "have no integer kernel (per-channel scales along the reduction axis)")
-    for node in consumers:
-        if _weight_source(G, node.input[1]) is None:
-            raise EngineError(f"engine: per-group (PEG) ranges on {tensor} feed a MatMul whose other input "
-                              "is not a constant weight; the ONNX Runtime engine cannot split it per group")
-    return consumers
-
-
-def split_peg_matmul(G: GraphEditor, tensor: str, matmuls: list, codes: str, q: ActQuant, groups: np.ndarray
-                     ) -> None:
-    """PEG on a MatMul input: y = sum_g s_g (x_q[..., idx_g] - z_g) @ W[idx_g, :] (+ bias).
-
-    ``codes`` holds the per-channel codes :func:`quantize_activation` computed for ``tensor`` (a
-    group's channels share one scalar grid, checked, so they are the group's codes); ``groups``
-    is the quant state's group id per channel (sorting channels by it is the PEG permutation).
-    The codes are cast to uint8 once and each group's columns gathered as bytes onto an integer
-    GEMM with the group's scale and the weight's rows; the MatMul's bias rides in the first
-    GEMM's epilogue and the K partial products are summed in float — the paper's proposal,
-    executed. ``matmuls`` are :func:`peg_matmuls` of ``tensor``, now reading its dequantized copy."""
-    from onnx import TensorProto, helper
-
     group_of = np.asarray(groups).reshape(-1)
     if group_of.size != q.scale.size:
         raise EngineError(f"engine: PEG groups of {tensor} cover {group_of.size} channels, its grid {q.scale.size}")
@@ -274,67 +262,47 @@ def split_peg_matmul(G: GraphEditor, tensor: str, matmuls: list, codes: str, q: 
         scale, zero = q.scale[idx], q.zero_point[idx]
         if not ((scale == scale[0]).all() and (zero == zero[0]).all()):
             raise EngineError(f"engine: PEG group {g} of {tensor} has channels on different grids")
-        grids.append((idx.astype(np.int64), G.const(f"{tensor}_peg{len(grids)}_scale", np.float32(scale[0])),
-                      G.const(f"{tensor}_peg{len(grids)}_zp", zero[:1].reshape(()))))
-    codes8 = G.fresh(codes + "_u8")
-    nodes = [helper.make_node("Cast", [codes], [codes8], to=TensorProto.UINT8, name=G.fresh("tq_peg_cast"))]
+        grids.append((idx.astype(np.int64), scale[0], zero[0]))
+    plans = []
+    for node in consumers:
+        wq = _weight_source(G, node.input[1])
+        if wq is None:
+            raise EngineError(f"engine: per-group (PEG) ranges on {tensor} feed a MatMul whose other input "
+                              "is not a constant weight; the ONNX Runtime engine cannot split it per group")
+        plans.append((node, wq))
+    skip: set[int] = set()
+    # x_g = Gather(x, idx_g, axis=-1), quantized with the group's scalar grid, shared by consumers.
     parts = []
-    for g, (idx, s_g, z_g) in enumerate(grids):
-        a_g = G.fresh(f"{tensor}_peg{g}")
-        nodes.append(helper.make_node("Gather", [codes8, G.const("idx", idx)], [a_g], axis=-1,
-                                      name=G.fresh("tq_peg_gather")))
-        parts.append(a_g)
-    G.place(tensor, nodes)
-    outputs = {o.name for o in G.g.output}
-    for node in matmuls:
-        ints, s_name, z_name, rows_float, attrs = _weight_source(G, node.input[1])
-        out, bias = node.output[0], []
-        users = G.consumers(out)
-        if len(users) == 1 and users[0].op_type == "Add" and out not in outputs:
-            other = next(x for x in users[0].input if x != out)
-            if _is_float_vector(G, other):
-                out, bias = users[0].output[0], [other]
-                G.g.node.remove(users[0])
+    for g, (idx, scale, zero) in enumerate(grids):
+        xg = G.fresh(f"{tensor}_peg{g}")
+        nodes = [helper.make_node("Gather", [tensor, G.const("idx", idx)], [xg], axis=-1, name=G.fresh("tq_peg_gather"))]
+        qg = ActQuant(np.float32(scale).reshape(()), np.asarray(zero, q.zero_point.dtype).reshape(()), q.bits)
+        qdq, dq, _ = _qdq_nodes(G, xg, qg)
+        G.place(tensor, nodes + qdq)
+        skip.update(id(n) for n in nodes)
+        parts.append((idx, dq))
+    for node, (ints, s_name, z_name, rows_float, attrs) in plans:
         outs = []
-        for g, ((idx, s_g, z_g), a_g) in enumerate(zip(grids, parts)):
-            y = G.fresh(node.output[0] + f"_g{g}")
-            if ints is not None:  # rows of the weight: per-column scales hold for every group
+        for g, (idx, dq) in enumerate(parts):
+            if ints is not None:  # rows of the weight: per-column scales (axis 1) hold for every group
                 w_g = G.const(node.input[1] + f"_g{g}", ints[idx])
-                mm = [helper.make_node("MatMulIntegerToFloat", [a_g, w_g, s_g, s_name, z_g, z_name,
-                                                                *(bias if g == 0 else [])],
-                                       [y], name=G.fresh("tq_peg_mm"), domain="com.microsoft")]
+                w_in = G.fresh(node.input[1] + f"_g{g}_dq")
+                G.front.append(helper.make_node("DequantizeLinear", [w_g, s_name, z_name], [w_in],
+                                                name=G.fresh("tq_dqw"), **attrs))
             else:
-                dq, y0 = G.fresh(a_g + "_dq"), G.fresh(y + "_nobias")
-                mm = [helper.make_node("DequantizeLinear", [a_g, s_g, z_g], [dq], name=G.fresh("tq_peg_dq")),
-                      helper.make_node("MatMul", [dq, G.const(node.input[1] + f"_g{g}", rows_float[idx])],
-                                       [y0 if bias and g == 0 else y], name=G.fresh("tq_peg_mm"))]
-                if bias and g == 0:
-                    mm.append(helper.make_node("Add", [y0, bias[0]], [y], name=G.fresh("tq_peg_bias")))
-            G.place(tensor, mm)
+                w_in = G.const(node.input[1] + f"_g{g}", rows_float[idx])
+            y = G.fresh(node.output[0] + f"_g{g}")
+            G.place(tensor, [helper.make_node("MatMul", [dq, w_in], [y], name=G.fresh("tq_peg_mm"))])
             outs.append(y)
         total = outs[0]
         adds = []
         for i, y in enumerate(outs[1:]):
-            nxt = out if i == len(outs) - 2 else G.fresh(node.output[0] + "_sum")
+            nxt = node.output[0] if i == len(outs) - 2 else G.fresh(node.output[0] + "_sum")
             adds.append(helper.make_node("Add", [total, y], [nxt], name=G.fresh("tq_peg_add")))
             total = nxt
-        if len(outs) == 1:
-            adds.append(helper.make_node("Identity", [total], [out], name=G.fresh("tq_peg_out")))
         G.place(tensor, adds)
         G.g.node.remove(node)
-
-
-def _is_float_vector(G: GraphEditor, name: str) -> bool:
-    """Whether ``name`` is a 1-D float initializer, directly or through Identity nodes (the
-    exporter writes a bias equal to an earlier one as an Identity of it)."""
-    from onnx import TensorProto
-
-    node = G.producer.get(name)
-    while node is not None and node.op_type == "Identity":
-        name = node.input[0]
-        node = G.producer.get(name)
-    init = G.inits.get(name)
-    return init is not None and len(init.dims) == 1 and init.data_type == TensorProto.FLOAT
+    return skip
 
 
 def _weight_source(G: GraphEditor, name: str):
