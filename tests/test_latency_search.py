@@ -188,3 +188,10 @@ def test_verdict_says_when_an_accuracy_difference_is_inside_its_interval():
     assert verdict == "true" and "accuracy differs by 0.50, inside the knee's 95 % interval [82.60, 85.40]" in why
     verdict, why = F.knee_verdict(_with_reference(t, 81.0, 40), OBJ, DIR)
     assert verdict == "true" and "not a finding" not in why
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    F._interval_bars(ax, t, "latency_p50_ms", "accuracy")  # the figure draws each point's interval
+    bars = ax.collections[0].get_segments()
+    assert len(ax.collections) == 1 and len(bars) == 3
+    assert [tuple(p) for p in bars[0]] == [(50, pytest.approx(83.6)), (50, pytest.approx(86.4))]

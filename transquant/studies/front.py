@@ -121,6 +121,7 @@ def write_front(t: pd.DataFrame, objectives: list[str], directions: list[str], o
     fig = Figure(figsize=(6, 4.4))
     ax = fig.subplots()
     trials = t[t["role"] == "trial"].assign(status="FINISHED")
+    _interval_bars(ax, t, x_o, y_o)
     draw_front(ax, trials, objectives, directions)
     knee = trials[trials["knee"]]
     ax.scatter(knee[x_o], knee[y_o], s=180, facecolors="none", edgecolors="k", linewidths=1.5, label="knee")
@@ -131,7 +132,7 @@ def write_front(t: pd.DataFrame, objectives: list[str], directions: list[str], o
     notes = [f"{r['method']}: {r['note']}" for _, r in t[t["role"] == "reference"].iterrows()
              if isinstance(r.get("note"), str) and r["note"]]
     ax.set_xlabel(x_o)
-    ax.set_ylabel(y_o)
+    ax.set_ylabel(y_o + (" (bars: 95 % interval)" if y_o in INTERVALS and INTERVALS[y_o][0] in t else ""))
     ax.set_title("Search: Pareto front")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -141,6 +142,18 @@ def write_front(t: pd.DataFrame, objectives: list[str], directions: list[str], o
     png = out / "pareto_front.png"
     fig.savefig(png, dpi=120, metadata={"Software": None})
     return [csv, png]
+
+
+def _interval_bars(ax, t: pd.DataFrame, x_o: str, y_o: str) -> None:
+    """Each point's 95 % interval on the axes whose objective has one (:data:`INTERVALS`), faint,
+    behind the markers: a front whose points lie within each other's bars ranks noise."""
+    for o, axis in ((y_o, "yerr"), (x_o, "xerr")):
+        lo, hi = INTERVALS.get(o, (None, None))
+        if lo is None or lo not in t or hi not in t:
+            continue
+        d = t[t[[x_o, y_o, lo, hi]].notna().all(axis=1)]
+        ax.errorbar(d[x_o], d[y_o], **{axis: [d[o] - d[lo], d[hi] - d[o]]}, fmt="none", ecolor="0.6",
+                    alpha=0.5, capsize=2, lw=0.8, zorder=1)
 
 
 def log_front(client, parent_id: str, df: pd.DataFrame, objectives: list[str], directions: list[str],
