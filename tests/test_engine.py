@@ -128,6 +128,22 @@ def _wide_graph(q: np.ndarray, scale: float, zero: int, w: np.ndarray, w_scale: 
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
+def test_two_unnamed_16bit_gemms_get_distinct_tensors():
+    """Node names may be empty (the ONNX helpers' default): the byte split names its tensors after
+    the MatMul's output, so two unnamed 16-bit GEMMs still make a valid (SSA) graph."""
+    from onnx import helper
+
+    from transquant.deploy.fusions import fuse_for_cpu
+
+    w = np.ones((8, 4), np.int8)
+    model = _wide_graph(np.zeros((2, 8), np.uint16), 0.1, 3, w, np.ones(4, np.float32), np.zeros(4, np.float32))
+    g = model.graph
+    g.node.extend([helper.make_node("MatMul", ["x", "wf"], ["y1"])])
+    g.output.extend([helper.make_tensor_value_info("y1", TensorProto.FLOAT, [2, 4])])
+    assert all(not n.name for n in g.node) and fuse_for_cpu(model)["wide_matmul"] == 2
+    onnx.checker.check_model(model)
+
+
 def test_16bit_gemm_input_runs_as_two_exact_integer_gemms():
     """``wide_matmul``: a uint16 input splits into bytes on two integer GEMMs whose int32 sums are
     exact, so the result is the float64 product to float32 rounding — at the extreme codes

@@ -168,7 +168,7 @@ def _wide_matmul(g, mm, dq_a, weight: list[str], bias: list[str], out: str, cons
     scale, zero = _const_value(g, s_name, consts), _const_value(g, z_name, consts)
     if scale is None or zero is None or scale.size != 1 or zero.size != 1:
         return None
-    base = mm.name + "_wide"
+    base = mm.output[0] + "_wide"  # tensor names are unique; node names may be empty
 
     def const(suffix: str, value) -> str:
         g.initializer.append(numpy_helper.from_array(np.asarray(value), base + suffix))
