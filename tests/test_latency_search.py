@@ -119,8 +119,10 @@ def test_find_reference_matches_checkpoint_context_and_exact_preset(tmp_path):
                "profile.engine": "onnxruntime", "profile.batch_size": "8", "profile.seq_len": "128",
                "hardware.device": "cpu", "hardware.threads": "2"}
 
-    def run(method, ckpt="ck", latency=1.0, **params):
-        r = client.create_run(exp, tags={"checkpoint": ckpt})
+    def run(method, ckpt="ck", latency=1.0, tags=(), **params):
+        r = client.create_run(exp, tags={"checkpoint": ckpt, "transquant.source_hash": "abc",
+                                         "transquant.version.onnxruntime": "1.32.0", "cpu_model": "EPYC",
+                                         "cpu_flags": "avx2 avx512_vnni", **dict(tags)})
         for k, v in {**context, "quant.method": method, **params}.items():
             client.log_param(r.info.run_id, k, v)
         client.log_metric(r.info.run_id, "accuracy", 80.0)
@@ -133,6 +135,8 @@ def test_find_reference_matches_checkpoint_context_and_exact_preset(tmp_path):
     run("mixed_paper", **{"profile.batch_size": "1"})       # another batch shape
     run("mixed_paper", **{"quant.act_bits": "6"})           # not the preset as is
     good = run("mixed_paper", latency=2.0)
+    run("mixed_paper", tags={"transquant.source_hash": "old"})  # newer, but an older engine's code
+    run("mixed_paper", tags={"cpu_flags": "avx2"})               # newer, but timed on another CPU
     assert F.find_reference(client, exp, trial, "mixed_paper", OBJ).info.run_id == good.info.run_id
     assert F.find_reference(client, exp, trial, "peg_paper", OBJ) is None
     assert "batch 8 x 128, cpu, threads 2" in F.missing_note("peg_paper", trial)

@@ -4,8 +4,8 @@ dominates the paper's mixed precision (tag ``transquant.knee_dominates_mixed_pap
 
 References are earlier runs of preset methods (``conf/quant/<method>.yaml`` as is) found in the
 same experiment, never re-run: same fine-tuned checkpoint (model, task, training, seed), same
-calibration draw and, since latencies are compared, the same profile engine, batch shape, device
-and threads. A preset without such a run is named in the CSV, the figure and the tag's reason.
+calibration draw and, since latencies are compared, the same profile engine, batch shape, device,
+threads, code, ONNX Runtime version and CPU. A preset without such a run is named in the CSV, the figure and the tag's reason.
 """
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from .pareto import best_mask, dominates, knee_index
 # Params a reference run must share with the trials (the checkpoint tag covers model, task, training, seed).
 CONTEXT_PARAMS = ("calibration.num_batches", "calibration.batch_size", "calibration.seed", "profile.engine",
                   "profile.batch_size", "profile.seq_len", "hardware.device", "hardware.threads")
+# Tags a reference must share too: the same code and ONNX Runtime built and timed the engine, on the
+# same CPU (a preset timed before an engine change, or on another machine, is not a reference).
+CONTEXT_TAGS = ("transquant.source_hash", "transquant.version.onnxruntime", "cpu_model", "cpu_flags")
 KNEE_REFERENCE = "mixed_paper"  # the preset the knee must beat
 # An objective's 95 % interval, where the runs log one (accuracy: Wilson, per run).
 INTERVALS = {"accuracy": ("accuracy_ci_low", "accuracy_ci_high")}
@@ -49,8 +52,8 @@ def front_table(df: pd.DataFrame, objectives: list[str], directions: list[str],
 
 
 def find_reference(client, experiment_id: str, trial_run, method: str, objectives: list[str]):
-    """The newest finished run of preset ``method`` sharing the trial's checkpoint and
-    :data:`CONTEXT_PARAMS`, with every objective; None if there is none."""
+    """The newest finished run of preset ``method`` sharing the trial's checkpoint,
+    :data:`CONTEXT_PARAMS` and :data:`CONTEXT_TAGS`, with every objective; None if there is none."""
     from .queries import _search_all
 
     ckpt = trial_run.data.tags.get("checkpoint", "")
@@ -59,8 +62,10 @@ def find_reference(client, experiment_id: str, trial_run, method: str, objective
     found = _search_all(client, [experiment_id], f"tags.checkpoint = '{ckpt}' and params.`quant.method` = '{method}' "
                                                  "and attributes.status = 'FINISHED'")
     want = {k: trial_run.data.params.get(k) for k in CONTEXT_PARAMS}
+    want_tags = {k: trial_run.data.tags.get(k) for k in CONTEXT_TAGS}
     preset = method_label({"method": method})
     ok = [r for r in found if all(r.data.params.get(k) == v for k, v in want.items())
+          and all(r.data.tags.get(k) == v for k, v in want_tags.items())
           and method_label(quant_params(r.data.params)) == preset and all(o in r.data.metrics for o in objectives)]
     return max(ok, key=lambda r: (r.info.start_time, r.info.run_id)) if ok else None
 
@@ -69,7 +74,8 @@ def missing_note(method: str, trial_run) -> str:
     p = trial_run.data.params
     return (f"no {method} run of this checkpoint with the same calibration and profile "
             f"({p.get('profile.engine')}, batch {p.get('profile.batch_size')} x {p.get('profile.seq_len')}, "
-            f"{p.get('hardware.device')}, threads {p.get('hardware.threads')}) in this experiment")
+            f"{p.get('hardware.device')}, threads {p.get('hardware.threads')}), code, ONNX Runtime and CPU "
+            "in this experiment")
 
 
 def knee_verdict(t: pd.DataFrame, objectives: list[str], directions: list[str]) -> tuple[str, str]:
