@@ -127,11 +127,9 @@ def fuse_for_cpu(proto) -> dict[str, int]:
             value = _const_value(g, other, consts)
             if value is not None and value.ndim == 1 and dtype(other) == TensorProto.FLOAT:
                 out, removed, bias = add.output[0], [mm, add], [other]
-        weight = [dq_w.input[0], dq_w.input[1], dq_w.input[2]]
+        weight = list(dq_w.input[:3])
         if dtype(dq_a.input[2]) == TensorProto.UINT8:
-            new = [helper.make_node("MatMulIntegerToFloat", [dq_a.input[0], weight[0], dq_a.input[1], weight[1],
-                                                             dq_a.input[2], weight[2], *bias], [out],
-                                    name=mm.name + "_int", domain="com.microsoft")]
+            new = [_int_gemm(list(dq_a.input[:3]), weight, bias, out, mm.name + "_int")]
             stats["matmul_bias"] += 1
         else:
             new = _wide_matmul(g, mm, dq_a, weight, bias, out, consts)
@@ -183,10 +181,17 @@ def _wide_matmul(g, mm, dq_a, weight: list[str], bias: list[str], out: str, cons
              helper.make_node("Cast", [base + "_h16"], [base + "_h"], to=TensorProto.UINT8, name=base + "_cast_h"),
              helper.make_node("Mod", [q, byte], [base + "_l16"], name=base + "_mod"),
              helper.make_node("Cast", [base + "_l16"], [base + "_l"], to=TensorProto.UINT8, name=base + "_cast_l")]
-    w, s_w, z_w = weight
-    nodes += [helper.make_node("MatMulIntegerToFloat", [base + "_h", w, s_hi, s_w, z_hi, z_w, *bias], [base + "_yh"],
-                               name=base + "_int_h", domain="com.microsoft"),
-              helper.make_node("MatMulIntegerToFloat", [base + "_l", w, s_lo, s_w, z_lo, z_w], [base + "_yl"],
-                               name=base + "_int_l", domain="com.microsoft"),
+    nodes += [_int_gemm([base + "_h", s_hi, z_hi], weight, bias, base + "_yh", base + "_int_h"),
+              _int_gemm([base + "_l", s_lo, z_lo], weight, [], base + "_yl", base + "_int_l"),
               helper.make_node("Add", [base + "_yh", base + "_yl"], [out], name=base + "_add")]
     return nodes
+
+
+def _int_gemm(act: list[str], weight: list[str], bias: list[str], out: str, name: str):
+    """``MatMulIntegerToFloat`` of (codes, scale, zero point) of the activation and of the weight,
+    plus an optional bias, in the operator's input order."""
+    from onnx import helper
+
+    (a, s_a, z_a), (w, s_w, z_w) = act, weight
+    return helper.make_node("MatMulIntegerToFloat", [a, w, s_a, s_w, z_a, z_w, *bias], [out], name=name,
+                            domain="com.microsoft")

@@ -21,6 +21,7 @@ from .verify import FLOAT_MATMULS, INT_MATMULS
 # Op types reported on their own row; every other op is summed into "other". MatMulNBits is the
 # GEMM ORT makes of int8 weights under float (or 16-bit) activations: it runs float here (see
 # runtime.ORT_CONFIG), and hiding it in "other" would hide a GEMM.
+GEMMS = INT_MATMULS | FLOAT_MATMULS | {"MatMulNBits"}  # rows that get GMAC/s
 OP_GROUPS = (*sorted(INT_MATMULS), *sorted(FLOAT_MATMULS), "MatMulNBits", "DynamicQuantizeLinear", "QuantizeLinear",
              "DequantizeLinear", "Softmax", "LayerNormalization", "SkipLayerNormalization", "Gelu", "BiasGelu",
              "FastGelu")
@@ -53,7 +54,7 @@ def summarise(events: list[dict]) -> pd.DataFrame:
         row = rows.setdefault(group, {"op_type": group, "calls": 0, "total_ms": 0.0, "macs": 0.0})
         row["calls"] += 1
         row["total_ms"] += e["dur"] / 1e3
-        if op in INT_MATMULS or op in FLOAT_MATMULS or op == "MatMulNBits":
+        if op in GEMMS:
             row["macs"] += _macs(e["args"])
     df = pd.DataFrame(list(rows.values()), columns=["op_type", "calls", "total_ms", "macs"])
     total = df["total_ms"].sum()

@@ -5,7 +5,8 @@ dominates the paper's mixed precision (tag ``transquant.knee_dominates_mixed_pap
 References are earlier runs of preset methods (``conf/quant/<method>.yaml`` as is) found in the
 same experiment, never re-run: same fine-tuned checkpoint (model, task, training, seed), same
 calibration draw and, since latencies are compared, the same profile engine, batch shape, device,
-threads, code, ONNX Runtime version and CPU. A preset without such a run is named in the CSV, the figure and the tag's reason.
+threads, code, ONNX Runtime version and CPU. A preset without such a run is named in the CSV, the
+figure and the tag's reason.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ KNEE_REFERENCE = "mixed_paper"  # the preset the knee must beat
 INTERVALS = {"accuracy": ("accuracy_ci_low", "accuracy_ci_high")}
 
 
+def interval_columns(objectives: list[str], columns) -> list[str]:
+    """The :data:`INTERVALS` bound columns of ``objectives`` that ``columns`` has."""
+    return [c for o in objectives for c in INTERVALS.get(o, ()) if c in columns]
+
+
 def front_table(df: pd.DataFrame, objectives: list[str], directions: list[str],
                 params: dict[str, dict[str, str]]) -> pd.DataFrame:
     """Finished trials with every objective, in start order: run id, the swept ``params`` of each
@@ -38,7 +44,7 @@ def front_table(df: pd.DataFrame, objectives: list[str], directions: list[str],
     d = df[(df["status"] == "FINISHED") & df[objectives].notna().all(axis=1)]
     d = d.sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
     keys = sorted({k for p in params.values() for k, v in p.items() if v is not None})
-    bounds = [c for o in objectives for c in INTERVALS.get(o, ()) if c in d]
+    bounds = interval_columns(objectives, d)
     t = pd.DataFrame({"role": "trial", "method": d["method"], "run_id": d["run_id"],
                       **{k: [params.get(r, {}).get(k) for r in d["run_id"]] for k in keys},
                       **{o: d[o].astype(float) for o in objectives}, **{c: d[c].astype(float) for c in bounds}})
@@ -176,9 +182,9 @@ def log_front(client, parent_id: str, df: pd.DataFrame, objectives: list[str], d
     context = runs[t["run_id"].iloc[0]]
     exp = client.get_run(parent_id).info.experiment_id
     rows = []
+    bounds = interval_columns(objectives, t)
     for method in references:
         ref = find_reference(client, exp, context, method, objectives)
-        bounds = [c for o in objectives for c in INTERVALS.get(o, ()) if c in t]
         rows.append({"role": "reference", "method": method, "run_id": ref.info.run_id if ref else None,
                      **{o: ref.data.metrics[o] if ref else math.nan for o in objectives},
                      **{c: ref.data.metrics.get(c, math.nan) if ref else math.nan for c in bounds},
