@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from transquant.core.config import validate, validate_static
 from transquant.core.errors import TransquantError
@@ -51,7 +52,9 @@ def test_preset_is_the_quant_knobs_it_names():
     validate(cfg)
     assert list(cfg.quant.high_bits_sites) == ["*.ffn.input", "*.ffn.output", "*.ffn.residual"]
     assert list(cfg.quant.act_exclude) == [] and list(cfg.quant.peg_sites) == []
-    assert list(cfg.objectives) == OBJ and cfg.quant.method == "precision_search"
+    assert list(cfg.objectives) == ["accuracy", "speedup_vs_peer"] and cfg.quant.method == "precision_search"
+    sweeper = OmegaConf.load(f"{CONF_DIR}/search/latency_pareto.yaml").hydra.sweeper
+    assert list(sweeper.direction) == ["maximize", "maximize"]
     assert (cfg.profile.warmup, cfg.profile.iterations, cfg.profile.op_profile_runs) == (20, 100, 0)
     with initialize_config_dir(config_dir=CONF_DIR):
         paper = compose(config_name="config", overrides=["model=tiny", "task=synthetic", "quant=mixed_paper"])
@@ -71,7 +74,7 @@ def test_bad_precision_fails_at_config_time(override, message):
 
 
 def test_latency_objective_needs_the_profile_and_a_failed_job_fails_the_trial():
-    with pytest.raises(TransquantError, match=r"\['latency_p50_ms'\] are measured by the profile stage"):
+    with pytest.raises(TransquantError, match=r"\['speedup_vs_peer'\] are measured by the profile stage"):
         check_objectives(_cfg("profile.enabled=false"))
     assert all(math.isnan(v) for v in objective_values(_cfg(), float("nan")))
 
@@ -175,7 +178,7 @@ def test_two_workers_share_one_study(tmp_path):
         assert {"pareto_front.csv", "pareto_front.png"} <= {a.path for a in client.list_artifacts(p.info.run_id)}
         assert p.data.tags["transquant.knee_dominates_mixed_paper"] in ("true", "false")
         kids = children(client, [p.info.run_id])
-        assert len(kids) == 2 and all(k.data.metrics["latency_p50_ms"] > 0 for k in kids)
+        assert len(kids) == 2 and all(k.data.metrics["speedup_vs_peer"] > 0 for k in kids)
         front = pd.read_csv(client.download_artifacts(p.info.run_id, "pareto_front.csv", str(tmp_path)))
         assert front.loc[front["method"] == "mixed_paper", "note"].isna().all()  # the reference was found
 
@@ -199,3 +202,24 @@ def test_verdict_says_when_an_accuracy_difference_is_inside_its_interval():
     bars = ax.collections[0].get_segments()
     assert len(ax.collections) == 1 and len(bars) == 3
     assert [tuple(p) for p in bars[0]] == [(50, pytest.approx(83.6)), (50, pytest.approx(86.4))]
+
+
+def test_speedup_objective_carries_its_interval_into_the_front_and_the_verdict():
+    """The search's objectives: accuracy and the paired speed-up over the peer, both maximised, each
+    with its interval; a knee 0.05x faster than mixed_paper inside a ±0.1x interval is not a finding."""
+    obj, dirs = ["accuracy", "speedup_vs_peer"], ["maximize", "maximize"]
+    df = pd.DataFrame([{"status": "FINISHED", "start_time": i, "run_id": f"r{i}", "method": "precision_search",
+                        "accuracy": a, "speedup_vs_peer": sp, "speedup_vs_peer_ci_low": sp - 0.1,
+                        "speedup_vs_peer_ci_high": sp + 0.1} for i, (a, sp) in enumerate([(85, 0.6), (84, 0.9), (70, 1.2)])])
+    t = F.front_table(df, obj, dirs, {})
+    assert list(t["pareto"]) == [True, True, True] and list(t["run_id"][t["knee"]]) == ["r1"]
+    assert {"speedup_vs_peer_ci_low", "speedup_vs_peer_ci_high"} <= set(t.columns)
+    ref = {"role": "reference", "method": "mixed_paper", "run_id": "ref", "accuracy": 80.0, "speedup_vs_peer": 0.85,
+           "pareto": False, "knee": False, "note": ""}
+    verdict, why = F.knee_verdict(pd.concat([t, pd.DataFrame([ref])], ignore_index=True), obj, dirs)
+    assert verdict == "true" and "speedup_vs_peer differs by 0.05, inside the knee's 95 % interval" in why
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    F._interval_bars(ax, t, "speedup_vs_peer", "accuracy")  # horizontal bars: the speed-up's interval
+    assert [tuple(p) for p in ax.collections[0].get_segments()[1]] == [(pytest.approx(0.8), 84), (pytest.approx(1.0), 84)]

@@ -79,7 +79,7 @@ def test_tables_hold_the_per_site_and_per_candidate_numbers(job, tmp_path):
     c = cands.set_index("candidate")
     assert c.at["engine", "latency_p50_ms"] == pytest.approx(run.data.metrics["latency_p50_ms"])
     assert c.at["peer", "latency_p50_ms"] == pytest.approx(profile["peer_latency_p50_ms"])
-    assert c.at["peer", "speedup_vs_torch_fp32"] == pytest.approx(profile["peer_speedup_vs_fp32"])
+    assert c.at["peer", "speedup_vs_torch_fp32"] == pytest.approx(profile["peer_speedup_vs_torch_fp32"])
     assert c.at["ort_fp32", "speedup_vs_torch_fp32"] == pytest.approx(profile["ort_fp32_speedup_vs_torch_fp32"])
 
     ops = pd.read_json(_artifact(client, run, "engine_op_profile.json", tmp_path), orient="split")

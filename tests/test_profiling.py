@@ -89,7 +89,7 @@ def profile_cfg(**over):
 HW = OmegaConf.create({"device": "cpu", "threads": 1})
 KEYS = {"latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "throughput_seq_s", "peak_memory_mb",
         "model_size_mb", "speedup_vs_fp32", "speedup_vs_torch_fp32", "speedup_vs_ort_fp32", "speedup_vs_peer",
-        "peer_speedup_vs_fp32", "size_ratio_vs_fp32", "engine_accuracy", "fp32_latency_p50_ms",
+        "peer_speedup_vs_torch_fp32", "size_ratio_vs_fp32", "engine_accuracy", "fp32_latency_p50_ms",
         "ort_fp32_latency_p50_ms", "peer_latency_p50_ms"}
 ENGINE_KEYS = {"engine_int8_matmuls", "engine_float_matmuls", "engine_code_agreement"}
 
@@ -155,8 +155,36 @@ def test_profile_stage_stub_timer_gives_exact_ratio(tmp_path):
     assert metrics["ort_fp32_latency_p50_ms"] == 15 and metrics["peer_latency_p50_ms"] == 20
     assert metrics["speedup_vs_torch_fp32"] == metrics["speedup_vs_fp32"] == 3
     assert metrics["speedup_vs_ort_fp32"] == 1.5 and metrics["speedup_vs_peer"] == 2
-    assert metrics["peer_speedup_vs_fp32"] == 1.5
+    assert metrics["peer_speedup_vs_torch_fp32"] == 1.5 and metrics["ort_fp32_speedup_vs_torch_fp32"] == 2
     assert "engine_accuracy" not in metrics
+
+
+def test_speedups_are_paired_by_turn_on_a_machine_that_changes_phase(tmp_path):
+    """Everything runs 2x slower from the middle of the sixth timed turn on (between the peer's
+    block and the engine's), as a cloud VM does in phases. In every turn but that one the engine is
+    2x faster than the peer; p50 / p50 says 1.33x (the peer's p50 lands in the fast phase, the
+    engine's between the phases). The paired speed-ups say what each turn says."""
+    order = ["fp32", "ort_fp32", "peer", "engine"]  # the round-robin order, block=2
+    fast = {"fp32": 30, "ort_fp32": 15, "peer": 20, "engine": 10}
+
+    class Phased:
+        def __init__(self):
+            self.i = 0  # timed calls so far (warm-up calls are not timed)
+
+        def time(self, fn):
+            fn()
+            name = order[(self.i % 8) // 2]
+            slow = self.i >= 5 * 8 + 6  # turn 5: fp32, ORT FP32 and peer fast, the engine slow
+            self.i += 1
+            return fast[name] * (2 if slow else 1) * 1_000_000
+
+    fp32, model, state = quantized("w8a8")
+    cfg = profile_cfg(eval_engine_accuracy=False, warmup=2, iterations=20)
+    metrics, _, _, _ = P.profile_stage(cfg, HW, fp32, model, state, None, VAL, 0, tmp_path, timer=Phased())
+    assert metrics["latency_p50_ms"] == 15 and metrics["peer_latency_p50_ms"] == 20  # p50 / p50: 1.33
+    assert metrics["speedup_vs_peer"] == 2 and metrics["speedup_vs_torch_fp32"] == 3
+    assert metrics["speedup_vs_ort_fp32"] == 1.5 and metrics["ort_fp32_speedup_vs_torch_fp32"] == 2
+    assert metrics["speedup_vs_peer_ci_low"] == metrics["speedup_vs_peer_ci_high"] == 2  # 9 of 10 turns say 2
 
 
 def test_memory_probe_in_fresh_process(tmp_path):

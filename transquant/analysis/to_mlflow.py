@@ -26,7 +26,8 @@ CANDIDATE_FIGURES = ("latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "thr
 PROFILE_TABLE_ONLY = frozenset({
     "latency_mean_ms", "load_memory_mb", "inference_memory_mb", "fp32_throughput_seq_s", "fp32_peak_memory_mb",
     "fp32_load_memory_mb", "fp16_peak_memory_mb", "ort_fp32_latency_p50_ms", "ort_fp32_peak_memory_mb", "ort_fp32_speedup_vs_torch_fp32",
-    "peer_latency_p50_ms", "peer_model_size_mb", "peer_peak_memory_mb", "peer_speedup_vs_fp32"})
+    "peer_latency_p50_ms", "peer_model_size_mb", "peer_peak_memory_mb", "peer_speedup_vs_torch_fp32",
+    "fp16_speedup_vs_torch_fp32"})
 
 
 def _finite(v) -> float | None:
@@ -99,12 +100,10 @@ def log_quantization_error(run, df: pd.DataFrame) -> list[str]:
 
 def log_profile(run, values: dict[str, float]) -> list[str]:
     """The profile's values as metrics except :data:`PROFILE_TABLE_ONLY`; every candidate's
-    :data:`CANDIDATE_FIGURES` and its ``speedup_vs_torch_fp32`` (PyTorch FP32 p50 / its p50) in
+    :data:`CANDIDATE_FIGURES` and its ``speedup_vs_torch_fp32`` (paired, as the profile logs it) in
     the table ``profile_candidates``. Returns the table's artifact names."""
     run.metrics({k: v for k, v in values.items() if k not in PROFILE_TABLE_ONLY})
-    rows = [{"candidate": name, **{f: values.get(prefix + f) for f in CANDIDATE_FIGURES}}
+    rows = [{"candidate": name, **{f: values.get(prefix + f) for f in CANDIDATE_FIGURES},
+             "speedup_vs_torch_fp32": 1.0 if name == "fp32" else values.get(prefix + "speedup_vs_torch_fp32")}
             for name, prefix in CANDIDATE_PREFIXES if values.get(prefix + "latency_p50_ms") is not None]
-    fp32_p50 = values.get("fp32_latency_p50_ms")
-    for r in rows:
-        r["speedup_vs_torch_fp32"] = fp32_p50 / r["latency_p50_ms"] if fp32_p50 else None
     return log_table(run, pd.DataFrame(rows), "profile_candidates")

@@ -11,9 +11,11 @@ What is measured
   in half precision, what GPU users serve -> ``speedup_vs_torch_fp16``; ONNX Runtime FP32
   of the very export the engine is built from -> ``speedup_vs_ort_fp32``; the peer, ORT's own
   dynamic INT8 of that export -> ``speedup_vs_peer``. ``bench_base`` runs the same stage.
-- **Interleaving**: all four are timed round-robin in blocks of ``block`` iterations, so load
-  from other processes hits them alike and the ratios (p50 / p50) hold on a noisy machine even
-  when absolute milliseconds do not.
+- **Interleaving and paired speed-ups**: all four are timed round-robin in blocks of ``block``
+  iterations, so load from other processes hits them alike. Every ``speedup_*`` is paired by turn
+  (:func:`.timing.paired_speedup`: the median over turns of the two blocks' median ratio), with a
+  95 % interval ``<name>_ci_low`` / ``_ci_high``: on a machine whose speed moves in phases the
+  paired ratio holds where p50 / p50 does not, and absolute milliseconds hold least.
 - **What the engine runs**: ``engine_int8_matmuls`` / ``engine_float_matmuls`` count the
   MatMuls of the graph after ORT's optimizer, ``engine_code_agreement`` is the share of the
   engine's integer codes equal to the fake-quant model's, and the tag ``engine_precision``
@@ -85,12 +87,14 @@ from .runtime import (
     sample_batch,
     torch_timing_runner,
 )
-from .timing import LatencyStats, interleaved, timer_for
+from .timing import LatencyStats, Speedup, interleaved, paired_speedup, timer_for
 
 log = logging.getLogger("transquant")
 # Each candidate and the prefix of its metrics: ``peak_memory_mb`` is the engine's, ``peer_peak_memory_mb`` the peer's.
 CANDIDATE_PREFIXES = (("engine", ""), ("fp32", "fp32_"), ("fp16", "fp16_"), ("ort_fp32", "ort_fp32_"),
                       ("peer", "peer_"))
+# The engine's speed-up over each baseline other than PyTorch FP32 (``speedup_vs_torch_fp32``).
+BASELINE_SPEEDUPS = {"fp16": "speedup_vs_torch_fp16", "ort_fp32": "speedup_vs_ort_fp32", "peer": "speedup_vs_peer"}
 
 
 def memory_in_subprocess(kind: str, path: Path, batch: dict, threads, repeats: int, workdir: Path,
@@ -258,19 +262,23 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
                     load_before, timing_threads)
     stats = {name: LatencyStats.from_ns(ts, bs) for name, ts in times.items()}
     s_fp, s_c = stats["fp32"], stats["engine"]
+    block = int(cfg_profile.get("block", 10))
+
+    def faster(candidate: str, than: str) -> Speedup:
+        return paired_speedup(times[than], times[candidate], block)
 
     metrics: dict[str, float] = {
         "latency_p50_ms": s_c.p50_ms, "latency_p95_ms": s_c.p95_ms, "latency_mean_ms": s_c.mean_ms,
         "throughput_seq_s": s_c.throughput_seq_s,
         "model_size_mb": cand.size_bytes / MB,
-        "speedup_vs_torch_fp32": s_fp.p50_ms / s_c.p50_ms,
-        "speedup_vs_fp32": s_fp.p50_ms / s_c.p50_ms,
         "size_ratio_vs_fp32": cand.size_bytes / fp32.size_bytes,
         "fp32_latency_p50_ms": s_fp.p50_ms, "fp32_throughput_seq_s": s_fp.throughput_seq_s,
         "fp32_model_size_mb": fp32.size_bytes / MB,
         "profile_build_seconds": build_s, "profile_timing_seconds": timing_s,
         "timing_lock_wait_seconds": lock_wait,
     }
+    _speedup(metrics, "speedup_vs_torch_fp32", faster("engine", "fp32"))
+    metrics["speedup_vs_fp32"] = metrics["speedup_vs_torch_fp32"]
     for key, value in (("load_avg_before", load_before), ("load_avg_after", load_after)):
         if value is not None:
             metrics[key] = value
@@ -286,18 +294,13 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
         metrics["fp32_load_memory_mb"] = load_mem["fp32"]
     if infer_mem.get("engine") is not None:
         metrics["inference_memory_mb"] = infer_mem["engine"]
-    if "fp16" in stats:
-        metrics.update({"fp16_latency_p50_ms": stats["fp16"].p50_ms,
-                        "speedup_vs_torch_fp16": stats["fp16"].p50_ms / s_c.p50_ms})
-    if "ort_fp32" in stats:
-        s_o = stats["ort_fp32"]
-        metrics.update({"ort_fp32_latency_p50_ms": s_o.p50_ms, "speedup_vs_ort_fp32": s_o.p50_ms / s_c.p50_ms,
-                        "ort_fp32_speedup_vs_torch_fp32": s_fp.p50_ms / s_o.p50_ms})
+    for name, prefix in CANDIDATE_PREFIXES:  # the baselines beside PyTorch FP32, where they ran
+        if name in BASELINE_SPEEDUPS and name in stats:
+            metrics[prefix + "latency_p50_ms"] = stats[name].p50_ms
+            metrics[prefix + "speedup_vs_torch_fp32"] = faster(name, "fp32").ratio
+            _speedup(metrics, BASELINE_SPEEDUPS[name], faster("engine", name))
     if "peer" in stats:
-        s_p = stats["peer"]
-        metrics.update({"peer_latency_p50_ms": s_p.p50_ms, "peer_speedup_vs_fp32": s_fp.p50_ms / s_p.p50_ms,
-                        "peer_model_size_mb": cands["peer"].size_bytes / MB,
-                        "speedup_vs_peer": s_p.p50_ms / s_c.p50_ms})
+        metrics["peer_model_size_mb"] = cands["peer"].size_bytes / MB
     report = info.get("report")
     if report is not None:
         metrics.update({"engine_int8_matmuls": report.int_matmuls, "engine_float_matmuls": report.float_matmuls})
@@ -338,6 +341,13 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
         artifacts.append(Path(info["path"]))
     tables = {"engine_op_profile": ops} if ops is not None else {}
     return metrics, tags, tables, artifacts
+
+
+def _speedup(metrics: dict[str, float], name: str, sp: Speedup) -> None:
+    """``name`` and, where the turns allow one, its 95 % interval ``name_ci_low`` / ``name_ci_high``."""
+    metrics[name] = sp.ratio
+    if np.isfinite(sp.low):
+        metrics[name + "_ci_low"], metrics[name + "_ci_high"] = sp.low, sp.high
 
 
 def _main(argv=None) -> None:

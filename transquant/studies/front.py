@@ -26,13 +26,17 @@ CONTEXT_PARAMS = ("calibration.num_batches", "calibration.batch_size", "calibrat
 # same CPU (a preset timed before an engine change, or on another machine, is not a reference).
 CONTEXT_TAGS = ("transquant.source_hash", "transquant.version.onnxruntime", "cpu_model", "cpu_flags")
 KNEE_REFERENCE = "mixed_paper"  # the preset the knee must beat
-# An objective's 95 % interval, where the runs log one (accuracy: Wilson, per run).
-INTERVALS = {"accuracy": ("accuracy_ci_low", "accuracy_ci_high")}
+
+
+def interval_of(objective: str) -> tuple[str, str]:
+    """The metrics holding an objective's 95 % interval, where the runs log one (``accuracy``:
+    Wilson; ``speedup_*``: over the interleaved turns, :func:`transquant.deploy.timing.paired_speedup`)."""
+    return f"{objective}_ci_low", f"{objective}_ci_high"
 
 
 def interval_columns(objectives: list[str], columns) -> list[str]:
-    """The :data:`INTERVALS` bound columns of ``objectives`` that ``columns`` has."""
-    return [c for o in objectives for c in INTERVALS.get(o, ()) if c in columns]
+    """The interval bound columns of ``objectives`` that ``columns`` has (both bounds or none)."""
+    return [c for o in objectives if all(b in columns for b in interval_of(o)) for c in interval_of(o)]
 
 
 def front_table(df: pd.DataFrame, objectives: list[str], directions: list[str],
@@ -106,11 +110,11 @@ def knee_verdict(t: pd.DataFrame, objectives: list[str], directions: list[str]) 
 
 def _within_noise(knee: pd.Series, ref: pd.Series, objectives: list[str]) -> str:
     """The objectives on which knee and reference differ by less than the knee's 95 % half-width
-    (:data:`INTERVALS`): on those the comparison is not a finding, and the reason says so."""
+    (:func:`interval_of`): on those the comparison is not a finding, and the reason says so."""
     notes = []
     for o in objectives:
-        lo, hi = INTERVALS.get(o, (None, None))
-        if lo is None or any(c not in knee or pd.isna(knee[c]) for c in (lo, hi)):
+        lo, hi = interval_of(o)
+        if any(c not in knee or pd.isna(knee[c]) for c in (lo, hi)):
             continue
         half = (knee[hi] - knee[lo]) / 2
         diff = abs(knee[o] - ref[o])
@@ -144,8 +148,12 @@ def write_front(t: pd.DataFrame, objectives: list[str], directions: list[str], o
     notes = [f"{r['method']}: {r['note']}" for _, r in t[t["role"] == "reference"].iterrows()
              if isinstance(r.get("note"), str) and r["note"]]
     ax.set_xlabel(x_o)
-    ax.set_ylabel(y_o + (" (bars: 95 % interval)" if y_o in INTERVALS and INTERVALS[y_o][0] in t else ""))
-    ax.set_title("Search: Pareto front")
+    bars = [o for o in (y_o, x_o) if interval_of(o)[0] in t]
+    ax.set_ylabel(y_o)
+    if bars:
+        ax.set_title("Search: Pareto front (bars: 95 % intervals of " + ", ".join(bars) + ")", fontsize=9)
+    if not bars:
+        ax.set_title("Search: Pareto front")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     if notes:
@@ -157,11 +165,11 @@ def write_front(t: pd.DataFrame, objectives: list[str], directions: list[str], o
 
 
 def _interval_bars(ax, t: pd.DataFrame, x_o: str, y_o: str) -> None:
-    """Each point's 95 % interval on the axes whose objective has one (:data:`INTERVALS`), faint,
+    """Each point's 95 % interval on the axes whose objective has one (:func:`interval_of`), faint,
     behind the markers: a front whose points lie within each other's bars ranks noise."""
     for o, axis in ((y_o, "yerr"), (x_o, "xerr")):
-        lo, hi = INTERVALS.get(o, (None, None))
-        if lo is None or lo not in t or hi not in t:
+        lo, hi = interval_of(o)
+        if lo not in t or hi not in t:
             continue
         d = t[t[[x_o, y_o, lo, hi]].notna().all(axis=1)]
         ax.errorbar(d[x_o], d[y_o], **{axis: [d[o] - d[lo], d[hi] - d[o]]}, fmt="none", ecolor="0.6",
