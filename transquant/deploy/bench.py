@@ -40,7 +40,8 @@ from .peak import parse_shape, peak_gemm
 from .profiling import profile_stage
 
 COLUMNS = ["method", "engine_precision", "latency_p50_ms", "latency_p95_ms", "throughput_seq_s", "peak_memory_mb",
-           "model_size_mb", "speedup_vs_torch_fp32", "speedup_vs_ort_fp32", "speedup_vs_peer", "size_ratio_vs_fp32",
+           "model_size_mb", *(f"{s}{end}" for s in ("speedup_vs_torch_fp32", "speedup_vs_ort_fp32", "speedup_vs_peer")
+                              for end in ("", "_ci_low", "_ci_high")), "size_ratio_vs_fp32",
            "fp32_latency_p50_ms", "fp16_latency_p50_ms", "ort_fp32_latency_p50_ms", "peer_latency_p50_ms",
            "engine_int8_matmuls", "engine_float_matmuls", "engine_code_agreement", "fp32_attention"]
 
