@@ -243,13 +243,14 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
 
     timer = timer or timer_for(str(device) if kind.on_device else "cpu")
     warmup, iters = int(cfg_profile.get("warmup", 100)), int(cfg_profile.get("iterations", 500))
+    block = int(cfg_profile.get("block", 10))
     engine_onnx = cand.probe is not None and cand.probe[0] == "onnx"  # ORT's profiler reads ONNX engines only
     op_runs = int(cfg_profile.get("op_profile_runs", 0)) if engine_onnx else 0
     timing_threads = int(threads or os.cpu_count() or 1)
     with timing_lock() as lock_wait:  # timings of two jobs never overlap; the rest of the stage runs unlocked
         load_before = load_average()
         t0 = time.perf_counter()
-        times = interleaved(runners, warmup, iters, int(cfg_profile.get("block", 10)), timer)
+        times = interleaved(runners, warmup, iters, block, timer)
         timing_s = time.perf_counter() - t0
         load_after = load_average()
         # After the timed passes: the profiler's bookkeeping must not perturb them.
@@ -262,7 +263,6 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
                     load_before, timing_threads)
     stats = {name: LatencyStats.from_ns(ts, bs) for name, ts in times.items()}
     s_fp, s_c = stats["fp32"], stats["engine"]
-    block = int(cfg_profile.get("block", 10))
 
     def faster(candidate: str, than: str) -> Speedup:
         return paired_speedup(times[than], times[candidate], block)
@@ -321,7 +321,7 @@ def profile_stage(cfg_profile, hardware_cfg, fp32_model, quant_model, state: Qua
     if device.type == "cuda":
         tags["gpu_model"] = torch.cuda.get_device_name(device)
     out_report = {"metrics": metrics, "tags": tags, "threads": threads, "batch_size": bs, "seq_len": seq,
-                  "warmup": warmup, "iterations": iters, "block": int(cfg_profile.get("block", 10)),
+                  "warmup": warmup, "iterations": iters, "block": block,
                   "stats": {k: asdict(v) for k, v in stats.items()},
                   "site_tensors": info.get("site_tensors", {}),
                   "site_code_agreement": report.site_agreement if report is not None else {},

@@ -89,7 +89,6 @@ class Speedup:
     ratio: float
     low: float
     high: float
-    turns: int
 
 
 def paired_speedup(baseline_ns, candidate_ns, block: int) -> Speedup:
@@ -114,4 +113,4 @@ def paired_speedup(baseline_ns, candidate_ns, block: int) -> Speedup:
     # The largest j with P(Bin(n, 1/2) <= j) <= 0.025: [ratios[j], ratios[n-1-j]] covers the median >= 95 %.
     j = int(np.searchsorted(binom.cdf(np.arange(n), n, 0.5), 0.025, side="right")) - 1
     low, high = (float(ratios[j]), float(ratios[n - 1 - j])) if j >= 0 else (float("nan"), float("nan"))
-    return Speedup(float(np.median(ratios)), low, high, int(n))
+    return Speedup(float(np.median(ratios)), low, high)

@@ -148,11 +148,11 @@ def write_front(t: pd.DataFrame, objectives: list[str], directions: list[str], o
     notes = [f"{r['method']}: {r['note']}" for _, r in t[t["role"] == "reference"].iterrows()
              if isinstance(r.get("note"), str) and r["note"]]
     ax.set_xlabel(x_o)
-    bars = [o for o in (y_o, x_o) if interval_of(o)[0] in t]
+    bars = [o for o in (y_o, x_o) if interval_columns([o], t)]
     ax.set_ylabel(y_o)
     if bars:
         ax.set_title("Search: Pareto front (bars: 95 % intervals of " + ", ".join(bars) + ")", fontsize=9)
-    if not bars:
+    else:
         ax.set_title("Search: Pareto front")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -168,9 +168,9 @@ def _interval_bars(ax, t: pd.DataFrame, x_o: str, y_o: str) -> None:
     """Each point's 95 % interval on the axes whose objective has one (:func:`interval_of`), faint,
     behind the markers: a front whose points lie within each other's bars ranks noise."""
     for o, axis in ((y_o, "yerr"), (x_o, "xerr")):
-        lo, hi = interval_of(o)
-        if lo not in t or hi not in t:
+        if not interval_columns([o], t):
             continue
+        lo, hi = interval_of(o)
         d = t[t[[x_o, y_o, lo, hi]].notna().all(axis=1)]
         ax.errorbar(d[x_o], d[y_o], **{axis: [d[o] - d[lo], d[hi] - d[o]]}, fmt="none", ecolor="0.6",
                     alpha=0.5, capsize=2, lw=0.8, zorder=1)
