@@ -79,3 +79,26 @@ def test_peg_groups_follow_the_sorted_permutation(stats_and_error):
     assert np.bincount(groups).tolist() == [8, 8, 8, 8]
     for g in range(4):
         assert glo[g] == site.lo[groups == g].min() and ghi[g] == site.hi[groups == g].max()
+
+
+def test_statistics_figures_are_drawn_once_per_statistics_and_k(logged, stats_and_error, tmp_path, monkeypatch):
+    """A study's jobs share a checkpoint's statistics: its figures are drawn once, logged from the
+    cache byte for byte as drawn afresh, and a different PEG k is another entry, never a stale one."""
+    import transquant.analysis.figures as figures
+
+    stats, err = stats_and_error
+    _, _, fresh = logged  # drawn without the cache, k=4
+    (tmp_path / "first").mkdir()
+    first = FakeRun(keep=tmp_path / "first")
+    assert sorted(log_figures(first, stats, 4, err, cache_at=tmp_path / "cache")) == sorted(FIGURES)
+    for name in FIGURES[:-1]:
+        assert (tmp_path / "first" / name).read_bytes() == (fresh / name).read_bytes()
+
+    def draw(*args, **kwargs):
+        raise AssertionError("drawn again")
+
+    with monkeypatch.context() as m:
+        m.setattr(figures, "stats_figures", draw)
+        assert log_figures(FakeRun(), stats, 4, cache_at=tmp_path / "cache") == list(FIGURES[:-1])
+        with pytest.raises(AssertionError, match="drawn again"):
+            log_figures(FakeRun(), stats, 2, cache_at=tmp_path / "cache")

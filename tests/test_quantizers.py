@@ -36,6 +36,23 @@ def test_symmetric_grid_codes():
     assert (grid.qmin, grid.qmax) == (-128, 127)
 
 
+def test_fake_quantize_is_the_closed_form_to_the_bit_and_leaves_its_input_alone():
+    """The in-place arithmetic gives the same floats as the textbook formula, ties to even
+    included, for per-tensor, per-channel, sub-byte and per-token grids."""
+    from transquant.quant.quantizers import per_token_grid
+
+    x = torch.randn(4, 9, 16, generator=torch.Generator().manual_seed(0)) * 3
+    x[0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 2.0]) * (6.0 / 255)  # exact half-steps: round to even
+    for grid in (asymmetric_grid(torch.tensor(-3.0), torch.tensor(3.0), 8), symmetric_grid(x.abs().amax((0, 1)), 8),
+                 asymmetric_grid(x.amin((0, 1)) * 0.5, x.amax((0, 1)) * 0.3, 4), per_token_grid(8)):
+        before = x.clone()
+        g = asymmetric_grid(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), 8) if grid.per_token else grid
+        codes = torch.clamp(torch.round(x / g.scale) + g.zero_point, g.qmin, g.qmax)
+        assert torch.equal(quantize(x, grid), codes)
+        assert torch.equal(fake_quantize(x, grid), (codes - g.zero_point) * g.scale)
+        assert torch.equal(x, before)
+
+
 def _stream(est, chunks):
     for i in range(est.passes):
         for c in chunks:

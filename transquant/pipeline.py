@@ -160,10 +160,10 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
         fp32 = percent_correct(fp32_pred, labels)
         log.info("FP32 accuracy %.2f %%", fp32)
 
-        stats = None
+        stats = stats_path = None
         if cfg.stats.enabled:  # on the FP32 weights, before they are quantized in place
             t0 = time.perf_counter()
-            stats, hit, _ = job_statistics(cfg, model, ckpt, task, val_items, tokenizer, device)
+            stats, hit, stats_path = job_statistics(cfg, model, ckpt, task, val_items, tokenizer, device)
             run.tag("stats_cache", "hit" if hit else "miss")
             log_statistics(run, stats)
             metrics["stats_seconds_job"] = time.perf_counter() - t0
@@ -215,7 +215,7 @@ def _run(cfg, task, tokenizer, device, key, stale) -> float:
                                               cfg.stats.batch_size)
                 log_quantization_error(run, error_df)
                 run.metrics({"error_attribution_seconds": time.perf_counter() - t0})
-            log_figures(run, stats, figure_k(cfg), error_df)
+            log_figures(run, stats, figure_k(cfg), error_df, cache_at=stats_path.with_suffix(".figures"))
         if cfg.profile.enabled:
             _profile(cfg, run, fp32_model, model, state, tokenizer, val_items)
         _log_hydra_files(run)

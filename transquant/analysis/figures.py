@@ -13,6 +13,7 @@ measured in its title: FP32 model, non-pad tokens, the sample size.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from ..core import cache, provenance
 from ..quant.quantizers import asymmetric_grid
 from ..quant.ranges import make_groups
 from ..quant.sites import RESIDUAL_KINDS
@@ -31,6 +33,9 @@ from .error_attribution import outlier_error_share
 from .results import ActivationStats, SiteStats, top_count
 
 FIGURES = ("depth_curves.png", "outlier_map.png", "worst_layer_histogram.png", "peg_ranges.png", "sqnr.png")
+# The code that draws them (and the quantizer and PEG grouping it draws grids with).
+FIGURE_MODULES = ("transquant.analysis.figures", "transquant.analysis.results", "transquant.quant.quantizers",
+                  "transquant.quant.ranges")
 BITS = 8
 DEFAULT_K = 6
 EMB_X = -1  # x position of the embedding sites on per-layer axes
@@ -390,9 +395,9 @@ def sqnr_figure(error_df: pd.DataFrame, stats: ActivationStats | None, path: str
     return _save(fig, path)
 
 
-def make_figures(stats: ActivationStats, out_dir: str | Path, k: int | None = None,
-                 error_df: pd.DataFrame | None = None, title: str | None = None) -> list[Path]:
-    """Every figure the statistics allow, written into ``out_dir``."""
+def stats_figures(stats: ActivationStats, out_dir: str | Path, k: int | None = None) -> list[Path]:
+    """The figures drawn from the FP32 statistics (and PEG's ``k``) alone, written into ``out_dir``:
+    the same files for every job of one checkpoint."""
     out_dir = Path(out_dir)
     paths = [depth_curves(stats, out_dir / "depth_curves.png")]
     if stats.residual_sites():
@@ -400,17 +405,39 @@ def make_figures(stats: ActivationStats, out_dir: str | Path, k: int | None = No
         paths.append(peg_ranges(stats, out_dir / "peg_ranges.png", k))
     if stats.sampled_site() is not None:
         paths.append(worst_layer_histogram(stats, out_dir / "worst_layer_histogram.png", k))
-    if error_df is not None and not error_df.empty:
-        paths.append(sqnr_figure(error_df, stats, out_dir / "sqnr.png", title))
     return paths
 
 
+def make_figures(stats: ActivationStats, out_dir: str | Path, k: int | None = None,
+                 error_df: pd.DataFrame | None = None, title: str | None = None) -> list[Path]:
+    """Every figure the statistics allow, written into ``out_dir``."""
+    paths = stats_figures(stats, out_dir, k)
+    if error_df is not None and not error_df.empty:
+        paths.append(sqnr_figure(error_df, stats, Path(out_dir) / "sqnr.png", title))
+    return paths
+
+
+def cached_stats_figures(stats: ActivationStats, cache_at: str | Path, k: int | None = None) -> list[Path]:
+    """:func:`stats_figures` drawn once per (statistics, ``k``, plotting code and matplotlib) into
+    ``cache_at`` (a folder kept beside the statistics' own cache entry): a study draws them once
+    per checkpoint, not once per job (~4 s a job)."""
+    key = cache.key_of({"k": k, "code": provenance.fingerprint(FIGURE_MODULES),
+                        "matplotlib": importlib.metadata.version("matplotlib")})
+    folder, _ = cache.cached_dir(Path(cache_at) / key, lambda tmp: stats_figures(stats, tmp, k))
+    return [folder / name for name in FIGURES if (folder / name).is_file()]
+
+
 def log_figures(run, stats: ActivationStats, k: int | None, error_df: pd.DataFrame | None = None,
-                title: str | None = None) -> list[str]:
-    """Write the figures to a temporary directory and log them as artifacts; returns their names.
-    ``k`` is the run's PEG group count (None: 6)."""
+                title: str | None = None, cache_at: str | Path | None = None) -> list[str]:
+    """Log the figures as artifacts; returns their names. ``k`` is the run's PEG group count
+    (None: 6); with ``cache_at`` the statistics-only figures come from :func:`cached_stats_figures`."""
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_figures(stats, tmp, k, error_df, title)
+        if cache_at is None:
+            paths = make_figures(stats, tmp, k, error_df, title)
+        else:
+            paths = cached_stats_figures(stats, cache_at, k)
+            if error_df is not None and not error_df.empty:
+                paths.append(sqnr_figure(error_df, stats, Path(tmp) / "sqnr.png", title))
         for p in paths:
             run.artifact_file(p)
         return [p.name for p in paths]

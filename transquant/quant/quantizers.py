@@ -68,17 +68,22 @@ def resolve(x: torch.Tensor, grid: Grid) -> Grid:
     return asymmetric_grid(x.detach().amin(-1, keepdim=True).float(), x.detach().amax(-1, keepdim=True).float(), bits)
 
 
-def quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Integer codes (as float tensor) of x on the grid: clamp(round(x/s) + z)."""
+def _codes(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale, zero) of x on the resolved grid. The codes tensor is x / s, then rounded,
+    shifted and clamped in place: the same floats as the out-of-place formula, one allocation
+    instead of four (fake quantization is a fifth of a study job's evaluation)."""
     grid = resolve(x, grid)
     scale = grid.scale.to(x.device, x.dtype)
     zero = grid.zero_point.to(x.device, x.dtype)
-    return torch.clamp(torch.round(x / scale) + zero, grid.qmin, grid.qmax)
+    return torch.div(x, scale).round_().add_(zero).clamp_(grid.qmin, grid.qmax), scale, zero
+
+
+def quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Integer codes (as float tensor) of x on the grid: clamp(round(x/s) + z)."""
+    return _codes(x, grid)[0]
 
 
 def fake_quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Quantize then dequantize: what an integer kernel would see, in float."""
-    grid = resolve(x, grid)
-    scale = grid.scale.to(x.device, x.dtype)
-    zero = grid.zero_point.to(x.device, x.dtype)
-    return (quantize(x, grid) - zero) * scale
+    q, scale, zero = _codes(x, grid)
+    return q.sub_(zero).mul_(scale)
