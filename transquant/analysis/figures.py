@@ -432,12 +432,9 @@ def log_figures(run, stats: ActivationStats, k: int | None, error_df: pd.DataFra
     """Log the figures as artifacts; returns their names. ``k`` is the run's PEG group count
     (None: 6); with ``cache_at`` the statistics-only figures come from :func:`cached_stats_figures`."""
     with tempfile.TemporaryDirectory() as tmp:
-        if cache_at is None:
-            paths = make_figures(stats, tmp, k, error_df, title)
-        else:
-            paths = cached_stats_figures(stats, cache_at, k)
-            if error_df is not None and not error_df.empty:
-                paths.append(sqnr_figure(error_df, stats, Path(tmp) / "sqnr.png", title))
+        paths = stats_figures(stats, tmp, k) if cache_at is None else cached_stats_figures(stats, cache_at, k)
+        if error_df is not None and not error_df.empty:
+            paths.append(sqnr_figure(error_df, stats, Path(tmp) / "sqnr.png", title))
         for p in paths:
             run.artifact_file(p)
         return [p.name for p in paths]

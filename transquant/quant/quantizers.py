@@ -71,7 +71,7 @@ def resolve(x: torch.Tensor, grid: Grid) -> Grid:
 def _codes(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, scale, zero) of x on the resolved grid. The codes tensor is x / s, then rounded,
     shifted and clamped in place: the same floats as the out-of-place formula, one allocation
-    instead of four (fake quantization is a fifth of a study job's evaluation)."""
+    instead of four (fake quantization was about a fifth of a study job's time)."""
     grid = resolve(x, grid)
     scale = grid.scale.to(x.device, x.dtype)
     zero = grid.zero_point.to(x.device, x.dtype)
